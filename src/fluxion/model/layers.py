@@ -1,0 +1,208 @@
+"""Building blocks of the FLUX.1 transformer: embedders, RoPE, modulation, the two block kinds.
+
+Parameter names follow the original Black Forest Labs layout, so original single-file checkpoints
+load without renaming (diffusers folders are renamed in `fluxion.checkpoints.diffusers`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+# ---------------------------------------------------------------- pure math
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of `t * time_factor`, cosines first (the reference's order)."""
+    t = time_factor * t
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if torch.is_floating_point(t) else emb
+
+
+def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
+    """Rotation matrices [..., N, dim/2, 2, 2] for positions `pos` [..., N] along one axis (float32)."""
+    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    omega = 1.0 / theta**scale
+    angle = pos.to(torch.float64)[..., None] * omega
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
+
+
+def position_table(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tensor:
+    """RoPE table for 3-axis ids [B, N, 3] (or [N, 3]) -> [B, 1, N, head_dim/2, 2, 2]."""
+    if ids.ndim == 2:
+        ids = ids[None]
+    table = torch.cat([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3)
+    return table[:, None]
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of each head by the table's matrices, in float32."""
+    pairs = x.float().unflatten(-1, (-1, 1, 2))
+    out = table[..., 0] * pairs[..., 0] + table[..., 1] * pairs[..., 1]
+    return out.reshape(x.shape).type_as(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
+    """Joint attention with RoPE: q, k, v [B, H, L, D] -> [B, L, H*D]."""
+    q, k = apply_rope(q, table), apply_rope(k, table)
+    x = F.scaled_dot_product_attention(q, k, v)
+    return x.transpose(1, 2).flatten(2)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, L, 3*H*D] laid out (K, H, D) -> three [B, H, L, D] tensors."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+# ---------------------------------------------------------------- modules
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim, computed in float32 (the reference does so for stability)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.scale.float()).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Holds one stream's qkv projection, QK norm and output projection (attention runs jointly)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+class Modulation(nn.Module):
+    """Linear(silu(vec)) split into (shift, scale, gate) sets: two sets for double blocks, one for single."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+
+
+def feed_forward(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """MM-DiT block: separate weights per stream, one joint attention over [txt, img]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        mlp_hidden = int(dim * mlp_ratio)
+        self.num_heads = num_heads
+        self.img_mod = Modulation(dim, double=True)
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = feed_forward(dim, mlp_hidden)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = feed_forward(dim, mlp_hidden)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), i_shift1, i_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
+        attn = attention(
+            torch.cat([txt_q, img_q], dim=2), torch.cat([txt_k, img_k], dim=2), torch.cat([txt_v, img_v], dim=2), pe
+        )
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = img + i_gate1 * self.img_attn.proj(img_attn)
+        img = img + i_gate2 * self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2))
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + t_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """DiT block with parallel attention and MLP over the joint sequence (one fused input projection)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, dim * 3 + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(dim, double=False)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([3 * self.dim, self.mlp_hidden], -1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = self.linear2(torch.cat([attention(q, k, v, pe), self.mlp_act(mlp)], dim=2))
+        return x + gate * out
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # shift first, as the original stores it
+        return self.linear(modulate(self.norm_final(x), shift[:, None], scale[:, None]))
