@@ -136,12 +136,23 @@ def initial_noise(
 Velocity = Callable[[Tensor, Tensor, int], Tensor]  # (x, t [B], step index) -> v
 
 
-def euler(velocity: Velocity, x: Tensor, schedule: Tensor, progress: Callable | None = None) -> Tensor:
-    """x <- x + (t_next - t_cur) * v(x, t_cur), stepping in float32 and storing in x's dtype (as diffusers)."""
+def euler(
+    velocity: Velocity,
+    x: Tensor,
+    schedule: Tensor,
+    progress: Callable | None = None,
+    on_step: Callable[[int, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """x <- x + (t_next - t_cur) * v(x, t_cur), stepping in float32 and storing in x's dtype (as diffusers).
+
+    `on_step(i, x)` sees the latents after step i and may return replacements.
+    """
     steps = range(len(schedule) - 1)
     for i in progress(steps) if progress else steps:
         t_cur, t_next = schedule[i], schedule[i + 1]
         t = torch.full((x.shape[0],), float(t_cur), dtype=x.dtype, device=x.device)
         v = velocity(x, t, i)
         x = (x.float() + (t_next - t_cur) * v.float()).to(x.dtype)
+        if on_step is not None:
+            x = on_step(i, x)
     return x
