@@ -50,6 +50,8 @@ class PipelineDefaults:
     num_inference_steps: int = 28
     guidance_scale: float = 3.5
     max_sequence_length: int = 512
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None  # used with true_cfg_scale > 1 when the call gives none
 
 
 @dataclass
@@ -206,7 +208,7 @@ class FluxPipeline:
         prompt_2: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
-        true_cfg_scale: float = 1.0,
+        true_cfg_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
@@ -232,6 +234,9 @@ class FluxPipeline:
         num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
         max_sequence_length = max_sequence_length or d.max_sequence_length
+        true_cfg_scale = d.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = d.negative_prompt
         batch = self._check_inputs(
             prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, height, width, num_inference_steps,
             sigmas, num_images_per_prompt, output_type, max_sequence_length, generator,
@@ -279,7 +284,18 @@ class FluxPipeline:
             else None
         )
 
+        batched_cfg = do_true_cfg and negative_prompt_embeds.shape == prompt_embeds.shape
+        if batched_cfg:  # one transformer call on [cond; uncond] instead of two
+            cfg_txt = torch.cat([prompt_embeds, negative_prompt_embeds])
+            cfg_pooled = torch.cat([pooled_prompt_embeds, negative_pooled_prompt_embeds])
+            cfg_guidance = None if guidance is None else torch.cat([guidance, guidance])
+
         def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
+            if batched_cfg:
+                v, v_neg = self.transformer(
+                    torch.cat([x, x]), img_ids, cfg_txt, txt_ids, torch.cat([t, t]), cfg_pooled, cfg_guidance
+                ).chunk(2)
+                return v_neg + true_cfg_scale * (v - v_neg)
             v = self.transformer(x, img_ids, prompt_embeds, txt_ids, t, pooled_prompt_embeds, guidance)
             if do_true_cfg:
                 v_neg = self.transformer(x, img_ids, negative_prompt_embeds, neg_txt_ids, t,

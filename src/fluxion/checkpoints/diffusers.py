@@ -165,7 +165,8 @@ def autoencoder_recipes(config: AutoEncoderConfig, store: TensorStore) -> dict[s
         for suffix in ("weight", "bias"):
             src = f"{diff}.{suffix}"
             # diffusers stores the attention's 1x1 convs as Linear weights [C, C]
-            as_linear = ".attn_1." in orig and suffix == "weight" and src in store and len(store.shape(src)) == 2
+            is_proj = ".attn_1." in orig and orig.rsplit(".", 1)[1] in ("q", "k", "v", "proj_out")
+            as_linear = is_proj and suffix == "weight" and src in store and len(store.shape(src)) == 2
             recipes[f"{orig}.{suffix}"] = Recipe((src,), "to_conv1x1" if as_linear else "same")
     return recipes
 
@@ -195,3 +196,117 @@ def infer_autoencoder_config(store: TensorStore, folder: Path, **overrides) -> A
     )
     values.update(overrides)
     return AutoEncoderConfig(**values)
+
+
+# ---------------------------------------------------------------- writing (our names -> diffusers names)
+
+
+def _split_sizes(orig: str, sources: tuple[str, ...], tensor) -> list[int]:
+    if len(sources) == 3:  # q, k, v
+        return [tensor.shape[0] // 3] * 3
+    hidden = tensor.shape[1] if tensor.ndim == 2 else None  # single block linear1: q, k, v, mlp
+    if hidden is None:
+        raise ValueError(f"cannot split {orig} without the hidden size")
+    return [hidden, hidden, hidden, tensor.shape[0] - 3 * hidden]
+
+
+def transformer_to_diffusers(state_dict: dict, config: FluxConfig) -> dict:
+    """Our (original-layout) transformer tensors under diffusers' names, split and reordered as diffusers keeps them."""
+    import torch
+
+    out = {}
+    module_map = transformer_module_map(config.depth, config.depth_single_blocks, config.guidance_embed)
+    for orig, (sources, combine) in module_map.items():
+        suffixes = ("scale",) if orig.endswith("_norm") else ("weight", "bias")
+        for suffix in suffixes:
+            key = f"{orig}.{suffix}"
+            if key not in state_dict:
+                continue
+            t = state_dict[key]
+            dsuffix = "weight" if suffix == "scale" else suffix
+            if combine == "cat":
+                if len(sources) == 4 and suffix == "bias":
+                    sizes = [config.hidden_size] * 3 + [t.shape[0] - 3 * config.hidden_size]
+                else:
+                    sizes = _split_sizes(orig, sources, state_dict[f"{orig}.weight"])
+                for src, part in zip(sources, torch.split(t, sizes, dim=0)):
+                    out[f"{src}.{dsuffix}"] = part.contiguous()
+            elif combine == "swap_halves":
+                a, b = t.chunk(2, dim=0)
+                out[f"{sources[0]}.{dsuffix}"] = torch.cat([b, a], dim=0)
+            else:
+                out[f"{sources[0]}.{dsuffix}"] = t
+    return out
+
+
+def transformer_diffusers_config(config: FluxConfig) -> dict:
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_layers": config.depth,
+        "num_single_layers": config.depth_single_blocks,
+        "attention_head_dim": config.head_dim,
+        "num_attention_heads": config.num_heads,
+        "joint_attention_dim": config.context_in_dim,
+        "pooled_projection_dim": config.vec_in_dim,
+        "guidance_embeds": config.guidance_embed,
+        "axes_dims_rope": list(config.axes_dim),
+    }
+
+
+def autoencoder_to_diffusers(state_dict: dict, config: AutoEncoderConfig) -> dict:
+    """Our autoencoder tensors under diffusers' `vae/` names (attention 1x1 convs as Linear weights)."""
+
+    class _Shapes:  # autoencoder_recipes asks the store which attention weights are 2-D; diffusers' always are
+        def __contains__(self, k):
+            return True
+
+        def shape(self, k):
+            return (1, 1)
+
+    out = {}
+    for orig, recipe in autoencoder_recipes(config, _Shapes()).items():
+        if orig not in state_dict:
+            continue
+        t = state_dict[orig]
+        out[recipe.sources[0]] = t[:, :, 0, 0].contiguous() if recipe.combine == "to_conv1x1" else t
+    return out
+
+
+def autoencoder_diffusers_config(config: AutoEncoderConfig) -> dict:
+    n = len(config.ch_mult)
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": config.in_channels,
+        "out_channels": config.out_ch,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [config.ch * m for m in config.ch_mult],
+        "layers_per_block": config.num_res_blocks,
+        "act_fn": "silu",
+        "latent_channels": config.z_channels,
+        "norm_num_groups": config.norm_groups,
+        "sample_size": config.resolution,
+        "scaling_factor": config.scale_factor,
+        "shift_factor": config.shift_factor,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+        "force_upcast": True,
+    }
+
+
+def save_diffusers_part(tensors: dict, config: dict, folder: Path, dtype=None) -> None:
+    """config.json + diffusion_pytorch_model.safetensors in `folder` (written atomically)."""
+    from .safetensors_file import save_safetensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    save_safetensors(tensors, folder / "diffusion_pytorch_model.safetensors")
+    tmp = folder / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(folder / "config.json")

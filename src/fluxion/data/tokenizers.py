@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 import tempfile
@@ -347,3 +346,32 @@ def clip_bpe_reference_encode(
     if add_special_tokens:
         ids = [vocab[CLIP_BOS]] + ids + [vocab[CLIP_EOS]]
     return ids
+
+
+def build_word_t5_tokenizer(words: Sequence[str], out_dir, model_max_length: int = 512):
+    """A T5 (unigram, metaspace) tokenizer whose pieces are whole words, with single characters as fallback.
+
+    For a small closed vocabulary (fluxion-mini's captions) sentencepiece training prunes towards characters;
+    whole-word pieces give the small text encoder one token per word. Built with `tokenizers` and saved as
+    tokenizer.json, which `T5TokenizerFast.from_pretrained` / `AutoTokenizer` load offline.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    word_pieces = [("\u2581" + w, -1.0) for w in sorted(set(words))]
+    chars = sorted({ch for w in words for ch in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    char_pieces = [("\u2581", -10.0)] + [(c, -10.0) for c in chars]
+    tok = Tokenizer(models.Unigram(specials + word_pieces + char_pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
+    fast.save_pretrained(str(out_dir))
+    return T5TokenizerFast.from_pretrained(str(out_dir))

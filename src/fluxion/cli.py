@@ -1,0 +1,138 @@
+"""The `fluxion` command: generate, info, train, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .pipeline import FluxPipeline, default_model_dir
+    from .png import save_png
+
+    model = args.model or str(default_model_dir())
+    pipe = FluxPipeline.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype))
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise SystemExit(f"--out must name a .png file, got {out}")
+    n = args.num_images
+    t0 = time.perf_counter()
+    result = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=n,
+        max_sequence_length=args.max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    )
+    seconds = time.perf_counter() - t0
+    for i, (image, params) in enumerate(zip(result.images, result.parameters)):
+        path = out if n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        save_png(image, path, {**params, "seed": args.seed, "image_index": i, "dtype": args.dtype})
+        print(f"wrote {path} ({image.width}x{image.height})")
+    print(f"{seconds:.2f} s for {n} image{'s' if n > 1 else ''} (model loaded)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoints import inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: FLUX {info['part']}, {info['format']}")
+    if "variant" in info:
+        print(f"  variant: {info['variant']}")
+    print(f"  parameters: {info['parameters']:,} ({info['bytes'] / 2**30:.2f} GiB stored)")
+    print("  dtypes: " + ", ".join(f"{k} {v:,}" for k, v in info["dtypes"].items()))
+    print("  config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.config import load_config
+    from .train.run import train
+
+    train(load_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.run import run_eval
+
+    run_eval(args.model, out_dir=args.out, limit=args.limit, steps=args.steps, guidance=args.guidance)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluxion", description="FLUX.1 text-to-image: generate, inspect, train, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate an image from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--model", help="diffusers-layout model folder (default: the shipped fluxion-mini)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    g.add_argument("--guidance", type=float, default=None, help="distilled guidance scale (dev-style models)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale (> 1 with --negative-prompt)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--max-sequence-length", type=int, default=None)
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--out", default="out.png")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a checkpoint file or folder")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="score a model on the shapes eval set")
+    e.add_argument("--model", default=None)
+    e.add_argument("--out", default="out/eval")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--guidance", type=float, default=None)
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoints import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"fluxion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

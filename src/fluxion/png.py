@@ -1,0 +1,34 @@
+"""Writing images: PNG with the generation parameters in its text chunks, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | None = None) -> Path:
+    """Save `image` to `path`; `parameters` go into a `parameters` text chunk (JSON) and one chunk per key."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", json.dumps(parameters, default=str))
+        for k, v in parameters.items():
+            if v is not None:
+                info.add_text(f"fluxion:{k}", str(v))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_parameters(path: str | os.PathLike) -> dict:
+    with Image.open(path) as im:
+        raw = im.text.get("parameters") if hasattr(im, "text") else None
+    return json.loads(raw) if raw else {}

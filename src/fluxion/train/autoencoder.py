@@ -1,0 +1,85 @@
+"""Training the FLUX autoencoder on the shapes world: reconstruction + a light KL term."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..checkpoints.diffusers import autoencoder_diffusers_config, autoencoder_to_diffusers, save_diffusers_part
+from ..data.shapes import make_batch
+from ..model.autoencoder import AutoEncoder, AutoEncoderConfig
+from .config import TrainConfig
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def grid(images: list[Image.Image], columns: int) -> Image.Image:
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    out = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % columns) * w, (i // columns) * h))
+    return out
+
+
+class AutoencoderTask:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        # scale/shift are measured on the data at export; identity while training
+        self.model = AutoEncoder(AutoEncoderConfig(**{"scale_factor": 1.0, "shift_factor": 0.0, **cfg.autoencoder}))
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"autoencoder": self.model}
+
+    def trainable(self):
+        return list(self.model.parameters())
+
+    def ema_module(self) -> torch.nn.Module:
+        return self.model
+
+    def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        images, _ = make_batch(self.cfg.seed, step, self.cfg.batch_size, paraphrase=False)
+        x = images_to_tensor(images)
+        mean, logvar = self.model.encode_moments(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        recon = self.model.decoder(z)
+        l1 = F.l1_loss(recon.float(), x)
+        mse = F.mse_loss(recon.float(), x)
+        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).mean()
+        loss = l1 + mse + self.cfg.kl_weight * kl
+        return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def sample_grid(self, model: torch.nn.Module, step: int) -> Image.Image:
+        images, _ = make_batch(self.cfg.seed + 1, 0, 8, paraphrase=False)
+        x = images_to_tensor(images)
+        recon = model.decoder(model.encode_moments(x)[0])
+        return grid(tensor_to_images(x) + tensor_to_images(recon), columns=8)
+
+    @torch.no_grad()
+    def latent_stats(self, model: AutoEncoder, batches: int = 8) -> tuple[float, float]:
+        """Mean and std of the posterior means over fresh data: FLUX-style shift and 1/scale."""
+        zs = []
+        for i in range(batches):
+            images, _ = make_batch(self.cfg.seed + 2, i, 32, paraphrase=False)
+            zs.append(model.encode_moments(images_to_tensor(images))[0].float())
+        z = torch.cat(zs)
+        return z.mean().item(), z.std().item()
+
+    def export(self, model: AutoEncoder, folder: Path) -> None:
+        shift, std = self.latent_stats(model)
+        config = AutoEncoderConfig(**{**model.config.to_dict(), "scale_factor": round(1 / std, 4),
+                                      "shift_factor": round(shift, 4)})
+        save_diffusers_part(autoencoder_to_diffusers(model.state_dict(), config), autoencoder_diffusers_config(config),
+                            Path(folder))

@@ -1,0 +1,80 @@
+"""Training configs: one dataclass, read from YAML, with `--set key=value` overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    kind: str  # "autoencoder" | "flux"
+    output: str  # run folder: checkpoint, logs, samples, export
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA
+    bf16: bool = True  # bf16 autocast (fast on CPUs with AVX-512 bf16)
+    checkpoint_every: int = 200
+    sample_every: int = 500
+    log_every: int = 10
+    threads: int | None = None
+    # autoencoder
+    autoencoder: dict = field(default_factory=dict)
+    kl_weight: float = 1e-6
+    # flux
+    transformer: dict = field(default_factory=dict)
+    t5: dict = field(default_factory=dict)
+    clip: dict = field(default_factory=dict)
+    vae_path: str | None = None  # a trained autoencoder (diffusers vae/ folder or ae.safetensors)
+    max_sequence_length: int = 32
+    caption_dropout: float = 0.1
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: str = "none"
+    sample_prompts: list = field(default_factory=list)
+    sample_steps: int = 20
+    sample_cfg: float = 1.0
+    defaults: dict = field(default_factory=dict)  # `_fluxion_defaults` written into the exported model_index.json
+    export: str | None = None  # where to write the diffusers-layout model at the end
+
+    def __post_init__(self):
+        if self.kind not in ("autoencoder", "flux"):
+            raise ValueError(f"config kind must be 'autoencoder' or 'flux', got {self.kind!r}")
+        if self.kind == "flux" and not self.vae_path:
+            raise ValueError("a flux config needs vae_path: the trained autoencoder to encode images with")
+        self.betas = tuple(self.betas)
+        self.lr = float(self.lr)
+        self.kl_weight = float(self.kl_weight)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output)
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such config file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(TrainConfig)}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        raw[key.strip()] = _parse_value(value)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
+    return TrainConfig(**raw)

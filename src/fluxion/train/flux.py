@@ -1,0 +1,177 @@
+"""Training a FLUX transformer (with its T5 and CLIP encoders) on the shapes world: rectified flow."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..checkpoints import load_autoencoder
+from ..checkpoints.diffusers import save_diffusers_part, transformer_diffusers_config, transformer_to_diffusers
+from ..data.shapes import caption, make_batch, sample_scene
+from ..data.tokenizers import build_clip_tokenizer, build_word_t5_tokenizer, clip_special_ids
+from ..model.text_encoders import CLIPEmbedder, T5Embedder
+from ..model.transformer import FluxConfig, FluxTransformer
+from ..pipeline import FluxPipeline, PipelineDefaults
+from ..sampling import SCHNELL_SCHEDULE, image_ids, pack, text_ids
+from .autoencoder import grid, images_to_tensor
+from .config import TrainConfig
+from .flow import flow_loss, interpolate, sample_sigmas, velocity_target
+
+SCHEDULER_CONFIG = {  # schnell-style: no resolution shift (the mini model works at one size)
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def caption_corpus(seed: int, n: int = 4000) -> list[str]:
+    """Training-distribution captions (paraphrases included), without rendering images."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 7919, i])
+        out.append(caption(sample_scene(rng, "exclude"), rng, paraphrase=True))
+    return out
+
+
+def build_tokenizers(run_dir: Path, seed: int) -> tuple[Path, Path]:
+    clip_dir, t5_dir = run_dir / "tokenizer", run_dir / "tokenizer_2"
+    if not (clip_dir / "tokenizer_config.json").is_file() or not (t5_dir / "tokenizer_config.json").is_file():
+        corpus = caption_corpus(seed)
+        words = sorted({w for c in corpus for w in c.lower().split() if w.isalpha()})
+        build_clip_tokenizer(clip_dir, words=words)
+        build_word_t5_tokenizer(words, t5_dir)
+    return clip_dir, t5_dir
+
+
+class FluxTask:
+    def __init__(self, cfg: TrainConfig):
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        self.cfg = cfg
+        clip_dir, t5_dir = build_tokenizers(cfg.run_dir, cfg.seed)
+        self.clip_tok = transformers.AutoTokenizer.from_pretrained(str(clip_dir))
+        self.t5_tok = transformers.AutoTokenizer.from_pretrained(str(t5_dir))
+        bos, eos, pad = clip_special_ids(self.clip_tok)
+        t5_cfg = transformers.T5Config(
+            **{"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_heads": 4, **cfg.t5},
+            vocab_size=len(self.t5_tok), feed_forward_proj="gated-gelu", dropout_rate=0.0,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False,
+        )
+        clip_cfg = transformers.CLIPTextConfig(
+            **{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "projection_dim": 64, **cfg.clip},
+            vocab_size=len(self.clip_tok), max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        self.vae = load_autoencoder(cfg.vae_path).requires_grad_(False).eval()
+        fcfg = FluxConfig(**{
+            "hidden_size": 128, "num_heads": 4, "depth": 2, "depth_single_blocks": 4, "axes_dim": (8, 12, 12),
+            "guidance_embed": False,
+            **cfg.transformer,
+            "in_channels": 4 * self.vae.config.z_channels, "vec_in_dim": clip_cfg.hidden_size,
+            "context_in_dim": t5_cfg.d_model,
+        })
+        self.model = nn.ModuleDict({
+            "transformer": FluxTransformer(fcfg),
+            "t5": transformers.T5EncoderModel(t5_cfg),
+            "clip": transformers.CLIPTextModel(clip_cfg),
+        })
+        init_transformer_(self.model["transformer"])
+        side = 128 // self.vae.downsample_factor
+        self.img_ids = image_ids(side, side)
+        self.txt_ids = text_ids(cfg.max_sequence_length)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def trainable(self):
+        return list(self.model.parameters())
+
+    def ema_module(self) -> nn.Module:
+        return self.model
+
+    def encode_text(self, model: nn.ModuleDict, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        t5 = T5Embedder(self.t5_tok, model["t5"])
+        clip = CLIPEmbedder(self.clip_tok, model["clip"])
+        return t5(captions, self.cfg.max_sequence_length), clip(captions)
+
+    def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        images, captions = make_batch(cfg.seed, step, cfg.batch_size, paraphrase=True)
+        drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            x0 = pack(self.vae.encode(images_to_tensor(images))).float()
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = sample_sigmas(len(captions), cfg.timestep_sampling, generator, cfg.logit_mean, cfg.logit_std)
+        txt, pooled = self.encode_text(self.model, captions)
+        pred = self.model["transformer"](interpolate(x0, noise, sigma), self.img_ids, txt, self.txt_ids, sigma, pooled)
+        return flow_loss(pred, velocity_target(x0, noise), sigma, cfg.loss_weighting), {}
+
+    def pipeline(self, model: nn.ModuleDict) -> FluxPipeline:
+        defaults = PipelineDefaults(**{"sample_size": 128 // self.vae.downsample_factor,
+                                       "max_sequence_length": self.cfg.max_sequence_length, **self.cfg.defaults})
+        pipe = FluxPipeline(model["transformer"], self.vae, CLIPEmbedder(self.clip_tok, model["clip"]),
+                            T5Embedder(self.t5_tok, model["t5"]), SCHNELL_SCHEDULE, defaults)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample_grid(self, model: nn.ModuleDict, step: int) -> Image.Image:
+        prompts = self.cfg.sample_prompts or ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
+        model.eval()
+        images = self.pipeline(model)(prompts, num_inference_steps=self.cfg.sample_steps,
+                                      generator=torch.Generator().manual_seed(0)).images
+        model.train()
+        return grid(images, columns=min(8, len(images)))
+
+    def export(self, model: nn.ModuleDict, folder: Path) -> None:
+        """The diffusers folder layout, so from_pretrained takes the same path as for real FLUX.1 folders."""
+        folder = Path(folder)
+        t = model["transformer"]
+        save_diffusers_part(transformer_to_diffusers(t.state_dict(), t.config), transformer_diffusers_config(t.config),
+                            folder / "transformer")
+        vae_src = Path(self.cfg.vae_path)
+        vae_src = vae_src / "vae" if (vae_src / "vae").is_dir() else vae_src
+        shutil.copytree(vae_src, folder / "vae", dirs_exist_ok=True)
+        model["clip"].save_pretrained(folder / "text_encoder")
+        model["t5"].save_pretrained(folder / "text_encoder_2")
+        self.clip_tok.save_pretrained(folder / "tokenizer")
+        self.t5_tok.save_pretrained(folder / "tokenizer_2")
+        (folder / "scheduler").mkdir(exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+        index = {
+            "_class_name": "FluxPipeline",
+            "_diffusers_version": "0.42.1",
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "_fluxion_defaults": {"sample_size": 128 // self.vae.downsample_factor,
+                                  "max_sequence_length": self.cfg.max_sequence_length, **self.cfg.defaults},
+        }
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def init_transformer_(model: FluxTransformer) -> None:
+    """Zero the output layer and gates' modulation so training starts from the identity (DiT's adaLN-Zero)."""
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+    for block in list(model.double_blocks) + list(model.single_blocks):
+        for mod in [m for m in block.modules() if m.__class__.__name__ == "Modulation"]:
+            nn.init.zeros_(mod.lin.weight)
+            nn.init.zeros_(mod.lin.bias)

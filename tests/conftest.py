@@ -1,0 +1,50 @@
+"""Shared pytest fixtures (tiny random FLUX checkpoints; see tests/fixtures.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_dev_dir(tmp_path_factory) -> Path:
+    """A tiny random diffusers FluxPipeline folder, FLUX.1-dev flavour (guidance embedder)."""
+    from fixtures import make_tiny_flux_folder
+
+    return make_tiny_flux_folder(tmp_path_factory.mktemp("tiny_flux_dev") / "pipe", guidance_embeds=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_dir(tmp_path_factory) -> Path:
+    """A tiny random diffusers FluxPipeline folder, FLUX.1-schnell flavour (no guidance embedder)."""
+    from fixtures import make_tiny_flux_folder
+
+    return make_tiny_flux_folder(tmp_path_factory.mktemp("tiny_flux_schnell") / "pipe", guidance_embeds=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dev_original_files(tiny_dev_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(transformer_file, ae_file): the tiny dev weights in the original BFL layout (no key prefix)."""
+    from fixtures import write_original_autoencoder_file, write_original_transformer_file
+
+    out = tmp_path_factory.mktemp("tiny_flux_dev_original")
+    transformer_file = write_original_transformer_file(tiny_dev_dir, out / "flux1-tiny-dev.safetensors")
+    ae_file = write_original_autoencoder_file(tiny_dev_dir, out / "ae.safetensors")
+    return transformer_file, ae_file
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_original_files(tiny_schnell_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(transformer_file, ae_file): the tiny schnell weights in the original BFL layout (no key prefix)."""
+    from fixtures import write_original_autoencoder_file, write_original_transformer_file
+
+    out = tmp_path_factory.mktemp("tiny_flux_schnell_original")
+    transformer_file = write_original_transformer_file(tiny_schnell_dir, out / "flux1-tiny-schnell.safetensors")
+    ae_file = write_original_autoencoder_file(tiny_schnell_dir, out / "ae.safetensors")
+    return transformer_file, ae_file
