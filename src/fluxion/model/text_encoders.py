@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+_warned_lengths: set[int] = set()  # warn about truncation once per length, not on every call
 
 
 def _quiet_transformers():
@@ -43,7 +44,8 @@ class T5Embedder:
             prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         ).input_ids
         full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > max_length:
+        if full.shape[-1] > max_length and max_length not in _warned_lengths:
+            _warned_lengths.add(max_length)
             log.warning("a prompt is longer than max_sequence_length=%d T5 tokens and was truncated", max_length)
         return ids
 
