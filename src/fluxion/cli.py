@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
     from .train.config import load_config
     from .train.run import train
 
-    train(load_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes)
+    train(load_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
+          export_only=args.export_only)
     return 0
 
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    t.add_argument("--export-only", action="store_true", help="export the last checkpoint's weights, do not train")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="score a model on the shapes eval set")

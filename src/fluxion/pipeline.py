@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoints import CheckpointError, load_autoencoder, load_transformer
+from .lora.pipeline_mixin import LoraMixin
 from .model.autoencoder import AutoEncoder
 from .model.text_encoders import CLIPEmbedder, T5Embedder
 from .model.transformer import FluxTransformer
@@ -60,7 +61,7 @@ class FluxPipelineOutput:
     parameters: list[dict] = field(default_factory=list)  # generation parameters, one dict per image
 
 
-class FluxPipeline:
+class FluxPipeline(LoraMixin):
     def __init__(
         self,
         transformer: FluxTransformer,

@@ -67,8 +67,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = None) -> dict:
-    """Run (or resume) training to cfg.steps; returns a summary. Stops early, checkpointed, after max_minutes."""
+def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = None, export_only: bool = False) -> dict:
+    """Run (or resume) training to cfg.steps; returns a summary. Stops early, checkpointed, after max_minutes.
+
+    `export_only` writes the export from the last checkpoint without training (e.g. of a run stopped early).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = cfg.run_dir
@@ -99,6 +102,14 @@ def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = Non
     def samples():
         target = ema.model if ema else task.ema_module()
         save_image_atomic(task.sample_grid(target, step), run / f"samples-{step:06d}.png")
+
+    if export_only:
+        if state is None:
+            raise ValueError(f"{run / CHECKPOINT}: no checkpoint to export")
+        if not cfg.export:
+            raise ValueError("the config names no export folder")
+        export(task, ema, cfg)
+        return {"step": step, "finished": step >= cfg.steps, "loss": history[-1][1] if history else None}
 
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
     start = time.time()

@@ -1,0 +1,49 @@
+"""The `fluxion` command: generate writes a PNG with its parameters; info describes checkpoints; errors are clear."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from fluxion.cli import main
+from fluxion.png import read_parameters
+
+
+def test_generate_writes_png_with_parameters(tiny_dev_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    args = ["generate", "a red circle", "--model", str(tiny_dev_dir), "--steps", "2", "--guidance", "2.5",
+            "--seed", "7", "--height", "32", "--width", "48", "--max-sequence-length", "16", "--out", str(out)]
+    assert main(args) == 0
+    im = Image.open(out)
+    assert im.size == (48, 32)
+    assert np.asarray(im).std() > 0
+    params = read_parameters(out)
+    assert params["prompt"] == "a red circle"
+    assert params["seed"] == 7 and params["num_inference_steps"] == 2 and params["guidance_scale"] == 2.5
+    assert (params["height"], params["width"]) == (32, 48)
+    # same seed, same image
+    out2 = tmp_path / "img2.png"
+    assert main(args[:-1] + [str(out2)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out2)), np.asarray(im))
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_rejects_bad_size_with_a_clear_error(tiny_dev_dir, tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(tiny_dev_dir), "--height", "30", "--out", str(tmp_path / "a.png")])
+    assert code == 2
+    assert "height must be a positive multiple of" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_info_describes_a_diffusers_folder_and_an_original_file(tiny_dev_dir, tiny_dev_original_files, capsys):
+    assert main(["info", str(tiny_dev_dir / "transformer"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["part"] == "transformer" and info["format"].startswith("diffusers")
+    assert info["config"]["depth"] == 2 and info["config"]["guidance_embed"] is True
+    assert main(["info", str(tiny_dev_original_files[0])]) == 0
+    text = capsys.readouterr().out
+    assert "original layout" in text and "dev-style" in text and "parameters:" in text
+
+
+def test_info_on_a_missing_path_fails_cleanly(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+"""The shipped fluxion-mini: loads by default, stays small, draws what easy prompts ask, matches diffusers."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fluxion import FluxPipeline
+from fluxion.eval.scorer import score
+from fluxion.pipeline import default_model_dir
+
+MINI = Path(__file__).resolve().parents[1] / "models" / "fluxion-mini"
+EASY = [  # (prompt, seed): canonical prompts the shipped model must get right
+    ("a red circle", 0),
+    ("a blue square on a white background", 1),
+    ("a large yellow triangle", 2),
+    ("two green circles", 3),
+    ("a purple square on a black background", 4),
+]
+
+
+@pytest.fixture(scope="module")
+def mini():
+    pipe = FluxPipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_default_model_is_the_shipped_mini_and_is_small():
+    assert default_model_dir().resolve() == MINI.resolve()
+    weights = sum(p.stat().st_size for p in MINI.rglob("*.safetensors"))
+    assert 1_000_000 < weights <= 30 * 2**20
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (MINI / sub).is_dir(), sub
+
+
+def test_generates_128px_images_the_scorer_accepts(mini):
+    prompts, seeds = zip(*EASY)
+    images = mini(list(prompts), generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    assert all(im.size == (128, 128) for im in images)
+    results = [score(im, p) for im, p in zip(images, prompts)]
+    failed = [(p, r.reason) for p, r in zip(prompts, results) if not r.ok]
+    assert not failed, failed
+
+
+def test_same_seed_same_image_and_seeds_differ(mini):
+    a = mini("a red circle", generator=torch.Generator().manual_seed(5), output_type="np").images
+    b = mini("a red circle", generator=torch.Generator().manual_seed(5), output_type="np").images
+    c = mini("a red circle", generator=torch.Generator().manual_seed(6), output_type="np").images
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).mean() > 1e-3
+
+
+def test_diffusers_reads_the_same_folder_and_draws_the_same_image(mini):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.FluxPipeline.from_pretrained(str(MINI))
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(height=128, width=128, num_inference_steps=6, max_sequence_length=20, negative_prompt="",
+              true_cfg_scale=3.0, output_type="np")
+    a = ref("two yellow triangles", generator=torch.Generator().manual_seed(1), **kw).images
+    b = mini("two yellow triangles", generator=torch.Generator().manual_seed(1), **kw).images
+    np.testing.assert_allclose(b, a, atol=1e-4)
