@@ -48,3 +48,14 @@ def tiny_schnell_original_files(tiny_schnell_dir, tmp_path_factory) -> tuple[Pat
     transformer_file = write_original_transformer_file(tiny_schnell_dir, out / "flux1-tiny-schnell.safetensors")
     ae_file = write_original_autoencoder_file(tiny_schnell_dir, out / "ae.safetensors")
     return transformer_file, ae_file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny test models run fastest on one thread, and it keeps them fast when another job holds a core."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

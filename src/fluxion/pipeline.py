@@ -239,8 +239,8 @@ class FluxPipeline(LoraMixin):
         if negative_prompt is None and negative_prompt_embeds is None:
             negative_prompt = d.negative_prompt
         batch = self._check_inputs(
-            prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, height, width, num_inference_steps,
-            sigmas, num_images_per_prompt, output_type, max_sequence_length, generator,
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_2, height, width,
+            num_inference_steps, sigmas, num_images_per_prompt, output_type, max_sequence_length, generator,
         )
         total = batch * num_images_per_prompt
         lat_h, lat_w = latent_grid(height, width, self.vae_scale_factor)
@@ -333,6 +333,7 @@ class FluxPipeline(LoraMixin):
             return (images,)
         return FluxPipelineOutput(images=images, parameters=params)
 
+    @torch.no_grad()
     def decode(self, latents: Tensor, height: int, width: int, output_type: str = "pil"):
         """Packed latents -> images in [0, 1] as PIL, numpy [B, H, W, 3] or tensor [B, 3, H, W]."""
         lat_h, lat_w = latent_grid(height, width, self.vae_scale_factor)
@@ -361,14 +362,16 @@ class FluxPipeline(LoraMixin):
 
     @staticmethod
     def _match_batch(value: str | list[str], batch: int, name: str) -> list[str]:
+        if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a str or a list of str, got {type(value).__name__}")
         values = [value] * batch if isinstance(value, str) else list(value)
         if len(values) != batch:
             raise ValueError(f"{name} has {len(values)} entries but there are {batch} prompts")
         return values
 
     def _check_inputs(
-        self, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, height, width, steps, sigmas,
-        num_images_per_prompt, output_type, max_sequence_length, generator,
+        self, prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_2, height, width,
+        steps, sigmas, num_images_per_prompt, output_type, max_sequence_length, generator,
     ) -> int:
         """All argument checks, before any model runs; returns the number of prompts."""
         if prompt is None and prompt_embeds is None:
@@ -388,8 +391,21 @@ class FluxPipeline(LoraMixin):
                 raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
         else:
             batch = prompt_embeds.shape[0]
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            self._match_batch(negative_prompt, batch, "negative_prompt")
+            cfg = self.transformer.config
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.context_in_dim:
+                raise ValueError(f"prompt_embeds must be [B, L, {cfg.context_in_dim}], got {list(prompt_embeds.shape)}")
+            if tuple(pooled_prompt_embeds.shape) != (batch, cfg.vec_in_dim):
+                raise ValueError(
+                    f"pooled_prompt_embeds must be [{batch}, {cfg.vec_in_dim}], got {list(pooled_prompt_embeds.shape)}"
+                )
+        for name, value in (("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
+                            ("negative_prompt_2", negative_prompt_2)):
+            if value is not None and not isinstance(value, str):
+                self._match_batch(value, batch, name)
+        if sigmas is not None:
+            s = list(sigmas)
+            if not s or any(not 0 < float(v) <= 1 for v in s):
+                raise ValueError(f"sigmas must be a non-empty list of values in (0, 1], got {s!r}")
         multiple = self.vae_scale_factor * 2
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % multiple:

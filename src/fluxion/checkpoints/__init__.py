@@ -17,7 +17,7 @@ from ..model.autoencoder import AutoEncoder, AutoEncoderConfig
 from ..model.transformer import FluxConfig, FluxTransformer
 from . import diffusers as diffusers_format
 from . import original as original_format
-from .loading import TensorStore, identity_recipes, materialize
+from .loading import TensorStore, materialize
 from .safetensors_file import CheckpointError, SafetensorsFile, save_safetensors
 
 __all__ = [
@@ -73,7 +73,7 @@ def load_transformer(
         recipes = diffusers_format.transformer_recipes(config, r.store)
     else:
         config = original_format.infer_flux_config(r.store, axes_dim)
-        recipes = identity_recipes(r.store.keys())
+        recipes = None
     model = materialize(lambda: FluxTransformer(config), recipes, r.store, _dtype(dtype, torch_dtype))
     return model.eval()
 
@@ -88,7 +88,7 @@ def load_autoencoder(
         recipes = diffusers_format.autoencoder_recipes(config, r.store)
     else:
         config = original_format.infer_autoencoder_config(r.store, **overrides)
-        recipes = identity_recipes(r.store.keys())
+        recipes = None
     model = materialize(lambda: AutoEncoder(config), recipes, r.store, _dtype(dtype, torch_dtype))
     return model.eval()
 
@@ -121,12 +121,15 @@ PARTS = {  # part -> (pipeline subfolder, a key prefix only the diffusers layout
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
-    """What `fluxion info` prints: part, format, inferred config, parameter count, dtypes."""
+    """What `fluxion info` prints: part, format, inferred config, parameter count, dtypes.
+
+    A missing, truncated or corrupt file raises its own CheckpointError; only "this is not that part" is probed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
     for part, (sub, marker, telltales) in PARTS.items():
-        try:
-            r = _resolve(path, sub, marker)
-        except CheckpointError:
-            continue
+        r = _resolve(path, sub, marker)
         if not any(t in r.store for t in telltales):
             continue
         config = _infer_config(r, part)

@@ -159,11 +159,16 @@ def check_recipes(model: nn.Module, recipes: dict[str, Recipe], store: TensorSto
 
 
 def materialize(
-    factory: Callable[[], nn.Module], recipes: dict[str, Recipe], store: TensorStore, dtype: torch.dtype | None
+    factory: Callable[[], nn.Module], recipes: dict[str, Recipe] | None, store: TensorStore, dtype: torch.dtype | None
 ) -> nn.Module:
-    """Build `factory()` on meta, check everything, then assign tensors one at a time (no second full copy)."""
+    """Build `factory()` on meta, check everything, then assign tensors one at a time (no second full copy).
+
+    `recipes=None`: the file uses the model's own names.
+    """
     with torch.device("meta"):
         model = factory()
+    if recipes is None:
+        recipes = identity_recipes(list(model.state_dict()))
     check_recipes(model, recipes, store)
     params = dict(model.named_parameters())
     for name, meta in model.state_dict().items():

@@ -117,4 +117,18 @@ def infer_autoencoder_config(store: TensorStore, **overrides) -> AutoEncoderConf
         if k in meta:
             values[k] = meta[k]
     values.update(overrides)
+    if "norm_groups" not in values:
+        values["norm_groups"] = default_norm_groups([ch * m for m in ch_mult], store)
     return AutoEncoderConfig(**values)
+
+
+def default_norm_groups(channels: list[int], store: TensorStore) -> int:
+    """32 (FLUX's) when every channel count allows it, else the largest count up to 32 that divides them all."""
+    groups = next(g for g in range(32, 0, -1) if all(c % g == 0 for c in channels))
+    if groups != 32:
+        warnings.warn(
+            f"{store.describe()}: channel counts {channels} do not divide into FLUX's 32 norm groups and the file "
+            f"does not say its group count; assuming {groups} (pass norm_groups=... to load_autoencoder to choose)",
+            stacklevel=3,
+        )
+    return groups
