@@ -75,6 +75,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_lora(args) -> int:
+    from .train.lora import LoraTrainConfig, train_lora
+
+    fields = LoraTrainConfig.__dataclass_fields__
+    cfg = LoraTrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    train_lora(cfg, resume=not args.fresh, max_minutes=args.max_minutes)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .eval.run import run_eval
 
@@ -114,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     t.add_argument("--export-only", action="store_true", help="export the last checkpoint's weights, do not train")
     t.set_defaults(func=cmd_train)
+
+    lo = sub.add_parser("train-lora", help="DreamBooth-style LoRA training on a folder of images")
+    lo.add_argument("--model", default=None, help="base model folder (default: fluxion-mini)")
+    lo.add_argument("--data", required=True, help="images with .txt captions, or a metadata.jsonl")
+    lo.add_argument("--instance-prompt", dest="instance_prompt", help="caption for images that have none")
+    lo.add_argument("--output", required=True)
+    lo.add_argument("--rank", type=int)
+    lo.add_argument("--alpha", type=float)
+    lo.add_argument("--lr", type=float)
+    lo.add_argument("--steps", type=int)
+    lo.add_argument("--batch-size", dest="batch_size", type=int)
+    lo.add_argument("--grad-accum", dest="grad_accum", type=int)
+    lo.add_argument("--resolution", type=int)
+    lo.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    lo.add_argument("--validation-prompt", dest="validation_prompt")
+    lo.add_argument("--validation-every", dest="validation_every", type=int)
+    lo.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    lo.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
+    lo.add_argument("--seed", type=int)
+    lo.add_argument("--fresh", action="store_true")
+    lo.add_argument("--max-minutes", type=float, default=None)
+    lo.set_defaults(func=cmd_train_lora)
 
     e = sub.add_parser("eval", help="score a model on the shapes eval set")
     e.add_argument("--model", default=None)

@@ -75,6 +75,7 @@ class FluxTransformer(nn.Module):
             SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth_single_blocks)
         )
         self.final_layer = LastLayer(c.hidden_size, c.out_channels)
+        self.gradient_checkpointing = False  # recompute block activations in backward (less memory)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,6 +94,12 @@ class FluxTransformer(nn.Module):
                 raise ValueError("this model has a guidance embedder (dev-style): pass `guidance` [B]")
             vec = vec + self.guidance_in(timestep_embedding(guidance.float(), 256).to(dtype))
         return vec + self.vector_in(y.to(dtype))
+
+    @staticmethod
+    def _checkpointed(block, *args):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False)
 
     def forward(
         self,
@@ -115,12 +122,17 @@ class FluxTransformer(nn.Module):
         txt = self.txt_in(txt.to(self.dtype))
         pe = position_table(join_ids(txt_ids, img_ids, batch), self.config.axes_dim, self.config.theta)
 
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+            img, txt = run(block, img, txt, vec, pe)
         x = torch.cat([txt, img], dim=1)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = run(block, x, vec, pe)
         return self.final_layer(x[:, txt.shape[1] :], vec)
+
+
+def _call(block, *args):
+    return block(*args)
 
 
 def join_ids(txt_ids: Tensor, img_ids: Tensor, batch: int) -> Tensor:

@@ -1,0 +1,179 @@
+"""DreamBooth-style LoRA training (`fluxion train-lora`): only the adapter learns, encoders stay frozen.
+
+Defaults follow diffusers' train_dreambooth_lora_flux.py recipe: rank 4, lr 1e-4, constant schedule, batch 1,
+gradient accumulation 4, 500 steps; the resolution defaults to the model's own default size. Latents and text
+embeddings are computed once, since nothing that makes them is trained.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..lora import add_trainable_adapter, save_lora_adapter
+from ..sampling import image_ids, latent_grid, pack, text_ids
+from .autoencoder import grid
+from .flow import flow_loss, interpolate, sample_sigmas, velocity_target
+from .run import step_generator
+from .state import load_checkpoint, save_atomic
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ADAPTER = "dreambooth"
+
+
+@dataclass
+class LoraTrainConfig:
+    data: str
+    output: str
+    model: str | None = None  # None: fluxion-mini
+    instance_prompt: str | None = None
+    rank: int = 4
+    alpha: float | None = None
+    lr: float = 1e-4
+    steps: int = 500
+    batch_size: int = 1
+    grad_accum: int = 4
+    resolution: int | None = None
+    guidance_scale: float = 1.0  # fed to dev-style models' guidance embedder while training
+    validation_prompt: str | None = None
+    validation_every: int = 100
+    checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[Path, str]]:
+    """(image, caption) pairs from a folder: `metadata.jsonl` (file_name, text), else `NAME.txt` beside each
+    image, else the instance prompt."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--data {folder}: no such folder")
+    pairs = []
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if "file_name" not in row:
+                    raise ValueError(f"{meta}:{n}: each line needs a file_name (and text)")
+                pairs.append((folder / row["file_name"], row.get("text") or instance_prompt))
+    else:
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            caption_file = path.with_suffix(".txt")
+            pairs.append((path, caption_file.read_text().strip() if caption_file.is_file() else instance_prompt))
+    if not pairs:
+        raise ValueError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) or metadata.jsonl found")
+    missing = [str(p) for p, c in pairs if not c]
+    if missing:
+        raise ValueError(f"{missing[0]} has no caption: add a .txt beside it or pass --instance-prompt")
+    absent = [str(p) for p, _ in pairs if not p.is_file()]
+    if absent:
+        raise ValueError(f"metadata.jsonl names {absent[0]}, which does not exist")
+    return pairs
+
+
+def load_images(pairs, resolution: int) -> torch.Tensor:
+    """Images resized (centre crop to square) to resolution, in [-1, 1], [N, 3, R, R]."""
+    out = []
+    for path, _ in pairs:
+        im = Image.open(path).convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(out)
+
+
+def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | None = None) -> Path:
+    from ..pipeline import FluxPipeline
+
+    pairs = read_dataset(cfg.data, cfg.instance_prompt)  # bad input fails before any model loads
+    if cfg.rank < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError("rank, steps, batch_size and grad_accum must be >= 1")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    pipe = FluxPipeline.from_pretrained(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer.requires_grad_(False)
+    for m in (pipe.vae, pipe.clip.model, pipe.t5.model):
+        m.requires_grad_(False)
+    resolution = cfg.resolution or pipe.defaults.sample_size * pipe.vae_scale_factor
+    if resolution % (2 * pipe.vae_scale_factor):
+        raise ValueError(f"resolution must be a multiple of {2 * pipe.vae_scale_factor}, got {resolution}")
+
+    with torch.no_grad():  # the cache: nothing below is trained
+        latents = pack(pipe.vae.encode(load_images(pairs, resolution)))
+        embeds, pooled, _ = pipe.encode_prompt([c for _, c in pairs])
+    lat = latent_grid(resolution, resolution, pipe.vae_scale_factor)
+    img_ids, txt_ids = image_ids(*lat), text_ids(embeds.shape[1])
+
+    params = add_trainable_adapter(transformer, ADAPTER, rank=cfg.rank, alpha=cfg.alpha,
+                                   generator=torch.Generator().manual_seed(cfg.seed))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    step = 0
+    state = load_checkpoint(out / "lora_checkpoint.pt") if resume else None
+    if state is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed {out / 'lora_checkpoint.pt'} at step {step}")
+    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    guidance = (torch.full((cfg.batch_size,), cfg.guidance_scale) if transformer.config.guidance_embed else None)
+
+    def checkpoint():
+        save_atomic({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                     "step": step}, out / "lora_checkpoint.pt")
+        save_lora_adapter(transformer, ADAPTER, out, base_model=str(pipe.model_path))
+
+    def validate():
+        if not cfg.validation_prompt:
+            return
+        transformer.eval()
+        images = pipe([cfg.validation_prompt] * 4, generator=[torch.Generator().manual_seed(i) for i in range(4)],
+                      height=resolution, width=resolution).images
+        transformer.train()
+        grid(images, columns=4).save(out / f"validation-{step:05d}.png")
+
+    start = time.time()
+    transformer.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-lora", unit="step")
+    while step < cfg.steps:
+        gen = step_generator(cfg.seed, step)
+        t0 = time.time()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = torch.randint(len(pairs), (cfg.batch_size,), generator=gen)
+            x0 = latents[idx]
+            noise = torch.randn(x0.shape, generator=gen)
+            sigma = sample_sigmas(cfg.batch_size, "logit_normal", gen)
+            pred = transformer(interpolate(x0, noise, sigma), img_ids, embeds[idx], txt_ids, sigma, pooled[idx], guidance)
+            loss = flow_loss(pred, velocity_target(x0, noise), sigma) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}", samples_per_s=f"{cfg.batch_size * cfg.grad_accum / (time.time() - t0):.1f}")
+        if step % cfg.checkpoint_every == 0:
+            checkpoint()
+        if cfg.validation_every and step % cfg.validation_every == 0:
+            validate()
+        if max_minutes is not None and time.time() - start > 60 * max_minutes:
+            break
+    bar.close()
+    transformer.eval()
+    checkpoint()
+    print(f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {step}, {time.time() - start:.0f} s)")
+    return out / "pytorch_lora_weights.safetensors"
+
