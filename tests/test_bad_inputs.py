@@ -17,16 +17,6 @@ from fixtures import TINY_VAE_CONFIG, write_original_transformer_file
 MULTIPLE = 2 * 2 ** (len(TINY_VAE_CONFIG["block_out_channels"]) - 1)  # 2 * vae_scale_factor = 4 for the tiny VAE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP threads waiting for each
-    other make every op ~100x slower: run this module single-threaded, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- pipeline arguments
 
 

@@ -21,16 +21,6 @@ NEGATIVE = ["blurry", "a photo of a dog"]
 SEQ = 32  # T5 tokens: short keeps the tests fast; both pipelines get the same value
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP threads waiting for each
-    other make every op ~100x slower: run this module single-threaded, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _load(folder):
     from diffusers import FluxPipeline as DiffusersFluxPipeline
 

@@ -304,14 +304,13 @@ class FluxPipeline(LoraMixin):
                 v = v_neg + true_cfg_scale * (v - v_neg)
             return v
 
-        on_step = None
-        if callback_on_step_end is not None:
-            def on_step(i: int, x: Tensor) -> Tensor:  # diffusers' signature: (pipe, i, t, tensors) -> tensors
-                out = callback_on_step_end(self, i, schedule[i] * 1000, {"latents": x}) or {}
-                return out.get("latents", x)
+        def after_step(i: int, x: Tensor) -> Tensor:  # diffusers' callback: (pipe, i, t, tensors) -> tensors
+            out = callback_on_step_end(self, i, schedule[i] * 1000, {"latents": x}) or {}
+            return out.get("latents", x)
 
         with self._placed(self.transformer):
-            latents = euler(velocity, latents, schedule, self._progress_bar, on_step)
+            latents = euler(velocity, latents, schedule, self._progress_bar,
+                            after_step if callback_on_step_end is not None else None)
 
         params = [
             {

@@ -11,16 +11,6 @@ from fixtures import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG, write_original_tr
 from fluxion.checkpoints import inspect_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP threads waiting for each
-    other make every op ~100x slower: run this module single-threaded, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference_counts(tiny_dev_dir, tiny_schnell_dir):
     """Parameter counts of the diffusers models themselves (the oracle)."""

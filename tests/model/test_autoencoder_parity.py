@@ -12,16 +12,6 @@ SCALE, SHIFT = TINY_VAE_CONFIG["scaling_factor"], TINY_VAE_CONFIG["shift_factor"
 Z = TINY_VAE_CONFIG["latent_channels"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP threads waiting for each
-    other make every op ~100x slower: run this module single-threaded, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference_vae(tiny_dev_dir):
     from diffusers import AutoencoderKL

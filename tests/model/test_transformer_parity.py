@@ -5,7 +5,6 @@ diffusers is the oracle only: it loads the tiny random folders built by tests/fi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +17,6 @@ ATOL = 1e-4
 IN_CH = TINY_TRANSFORMER_CONFIG["in_channels"]
 CTX = TINY_TRANSFORMER_CONFIG["joint_attention_dim"]
 POOLED = TINY_TRANSFORMER_CONFIG["pooled_projection_dim"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP threads waiting for each
-    other make every op ~100x slower: run this module single-threaded, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["dev", "schnell"])

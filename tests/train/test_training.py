@@ -1,10 +1,8 @@
 """The trainer: the loss goes down, checkpoints resume exactly, a killed run resumes uncorrupted."""
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
