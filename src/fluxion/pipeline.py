@@ -202,8 +202,13 @@ class FluxPipeline(LoraMixin):
 
     # ------------------------------------------------------------ generation
 
+    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
+        """Generate images; takes diffusers' FluxPipeline arguments (see `generate`)."""
+        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
+            return self.generate(*args, **kwargs)
+
     @torch.no_grad()
-    def __call__(
+    def generate(
         self,
         prompt: str | list[str] | None = None,
         prompt_2: str | list[str] | None = None,
@@ -227,7 +232,6 @@ class FluxPipeline(LoraMixin):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int | None = None,
-        joint_attention_kwargs: dict | None = None,
     ):
         d = self.defaults
         height = height or d.sample_size * self.vae_scale_factor

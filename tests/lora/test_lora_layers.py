@@ -273,3 +273,29 @@ def test_trainable_adapter_default_targets_zero_start_and_gradients():
     add_trainable_adapter(model, "t3", rank=2, targets=["linear2"])
     assert {n: [p.rows for p in pl] for n, pl in adapter_pieces(model, "t3").items()} == {
         "single_blocks.0.linear2": [None], "single_blocks.1.linear2": [None]}
+
+
+def test_joint_attention_kwargs_scale_scales_adapters_for_one_call(tiny_schnell_dir):
+    import numpy as np
+
+    from fluxion import FluxPipeline
+    from fluxion.lora import add_trainable_adapter
+
+    pipe = FluxPipeline.from_pretrained(tiny_schnell_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16, output_type="np")
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    params = add_trainable_adapter(pipe.transformer, "t", rank=2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.3)
+    full = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    off = pipe("a red circle", generator=torch.Generator().manual_seed(0), joint_attention_kwargs={"scale": 0.0},
+               **kw).images
+    half = pipe("a red circle", generator=torch.Generator().manual_seed(0), joint_attention_kwargs={"scale": 0.5},
+                **kw).images
+    assert np.abs(full - base).max() > 1e-3
+    np.testing.assert_array_equal(off, base)
+    assert 0 < np.abs(half - base).max() < np.abs(full - base).max()
+    again = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    np.testing.assert_array_equal(again, full)  # the scale lasted one call

@@ -114,6 +114,7 @@ class AdapterRegistry:
     weights: dict[str, float] = field(default_factory=dict)
     enabled: bool = True
     fused: dict[str, float] = field(default_factory=dict)  # adapter -> factor fused into the weights
+    call_scale: float = 1.0  # per-call multiplier of every unfused adapter (diffusers' joint_attention_kwargs scale)
 
 
 class LayerState:
@@ -160,7 +161,7 @@ def _lora_hook(module: nn.Module, args, output: Tensor):
         pieces = state.adapters.get(name)
         if not pieces or name in reg.fused:
             continue
-        weight = reg.weights.get(name, 1.0)
+        weight = reg.weights.get(name, 1.0) * reg.call_scale
         if weight == 0:
             continue
         for p in pieces:

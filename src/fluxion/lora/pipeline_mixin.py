@@ -6,6 +6,7 @@ so loading, switching, weighting, disabling and deleting never reload or copy th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -25,6 +26,22 @@ COMPONENTS = (TRANSFORMER, TEXT_ENCODER)
 
 
 class LoraMixin:
+    @contextlib.contextmanager
+    def lora_scale(self, scale: float | None):
+        """Scale every unfused adapter by `scale` for the duration (diffusers' `joint_attention_kwargs={"scale": s}`)."""
+        regs = [r for m in self._lora_components().values() if (r := L.get_registry(m)) is not None]
+        if scale is None or not regs:
+            yield
+            return
+        before = [r.call_scale for r in regs]
+        for r in regs:
+            r.call_scale = float(scale)
+        try:
+            yield
+        finally:
+            for r, b in zip(regs, before):
+                r.call_scale = b
+
     # ------------------------------------------------------------ parts
 
     def _lora_components(self, components=None) -> dict:
