@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fluxion import FluxPipeline
 from fluxion.eval.scorer import score
@@ -60,3 +61,15 @@ def test_diffusers_reads_the_same_folder_and_draws_the_same_image(mini):
     a = ref("two yellow triangles", generator=torch.Generator().manual_seed(1), **kw).images
     b = mini("two yellow triangles", generator=torch.Generator().manual_seed(1), **kw).images
     np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+def test_cli_uses_the_model_defaults(tmp_path):
+    from fluxion.cli import main
+    from fluxion.png import read_parameters
+
+    out = tmp_path / "mini.png"
+    assert main(["generate", "a red circle", "--out", str(out)]) == 0
+    params = read_parameters(out)
+    assert params["true_cfg_scale"] == 3.0 and params["negative_prompt"] == ""
+    assert (params["height"], params["width"], params["num_inference_steps"]) == (128, 128, 20)
+    assert score(Image.open(out), "a red circle").ok

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     g.add_argument("--guidance", type=float, default=None, help="distilled guidance scale (dev-style models)")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale (> 1 with --negative-prompt)")
+    g.add_argument("--true-cfg", type=float, default=None,
+                   help="true CFG scale (> 1 with a negative prompt; default: the model's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
