@@ -142,16 +142,21 @@ class LoraMixin:
 
     # ------------------------------------------------------------ selection
 
-    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
-        """Activate `adapter_names` (a name or a list) with weights (a number, or one per adapter;
-        default 1.0). Parts that lack some of the adapters use those they have."""
+    def _loaded_names(self, adapter_names) -> tuple[list[str], dict]:
+        """The names as a list (each must be loaded in some part) and the LoRA-capable parts."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = L.normalize_weights(names, adapter_weights)
         parts = self._lora_components()
         known = {n for m in parts.values() for n in L.list_adapters(m)}
         missing = [n for n in names if n not in known]
         if missing:
             raise ValueError(f"no adapter named {missing[0]!r} is loaded (loaded: {sorted(known)})")
+        return names, parts
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Activate `adapter_names` (a name or a list) with weights (a number, or one per adapter;
+        default 1.0). Parts that lack some of the adapters use those they have."""
+        names, parts = self._loaded_names(adapter_names)
+        weights = L.normalize_weights(names, adapter_weights)
         for model in parts.values():
             have = L.list_adapters(model)
             if not have:
@@ -178,12 +183,7 @@ class LoraMixin:
             L.enable_lora(model, True)
 
     def delete_adapters(self, adapter_names) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        parts = self._lora_components()
-        known = {n for m in parts.values() for n in L.list_adapters(m)}
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise ValueError(f"no adapter named {missing[0]!r} is loaded (loaded: {sorted(known)})")
+        names, parts = self._loaded_names(adapter_names)
         for model in parts.values():
             reg = L.get_registry(model)
             fused = [n for n in names if reg is not None and n in reg.fused]

@@ -16,11 +16,14 @@ log = logging.getLogger(__name__)
 _warned_lengths: set[int] = set()  # warn about truncation once per length, not on every call
 
 
-def _quiet_transformers():
+def _load(model_class: str, model_dir: Path, tokenizer_dir: Path, dtype: torch.dtype | None):
+    """(tokenizer, model in eval mode) from local folders, through `transformers`."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    return transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = getattr(transformers, model_class).from_pretrained(str(model_dir), dtype=dtype or "auto").eval()
+    return tokenizer, model
 
 
 @dataclass
@@ -30,10 +33,7 @@ class T5Embedder:
 
     @classmethod
     def from_folders(cls, model_dir: Path, tokenizer_dir: Path, dtype: torch.dtype | None = None) -> "T5Embedder":
-        tf = _quiet_transformers()
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        model = tf.T5EncoderModel.from_pretrained(str(model_dir), dtype=dtype or "auto").eval()
-        return cls(tokenizer, model)
+        return cls(*_load("T5EncoderModel", model_dir, tokenizer_dir, dtype))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,10 +62,7 @@ class CLIPEmbedder:
 
     @classmethod
     def from_folders(cls, model_dir: Path, tokenizer_dir: Path, dtype: torch.dtype | None = None) -> "CLIPEmbedder":
-        tf = _quiet_transformers()
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        model = tf.CLIPTextModel.from_pretrained(str(model_dir), dtype=dtype or "auto").eval()
-        return cls(tokenizer, model)
+        return cls(*_load("CLIPTextModel", model_dir, tokenizer_dir, dtype))
 
     @property
     def dtype(self) -> torch.dtype:
