@@ -54,6 +54,10 @@ class PipelineDefaults:
     true_cfg_scale: float = 1.0
     negative_prompt: str | None = None  # used with true_cfg_scale > 1 when the call gives none
 
+    @classmethod
+    def for_model(cls, guidance_embed: bool, **overrides) -> "PipelineDefaults":
+        return cls(**{"max_sequence_length": 512 if guidance_embed else 256, **overrides})
+
 
 @dataclass
 class FluxPipelineOutput:
@@ -77,9 +81,7 @@ class FluxPipeline(LoraMixin):
         self.clip = text_encoder
         self.t5 = text_encoder_2
         self.schedule = schedule
-        self.defaults = defaults or PipelineDefaults(
-            max_sequence_length=512 if transformer.config.guidance_embed else 256
-        )
+        self.defaults = defaults or PipelineDefaults.for_model(transformer.config.guidance_embed)
         self.model_path = model_path
         self._device = torch.device("cpu")
         self._offload_device: torch.device | None = None
@@ -119,11 +121,9 @@ class FluxPipeline(LoraMixin):
         sched_file = root / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():
             schedule = ScheduleConfig.from_dict(json.loads(sched_file.read_text()))
-        defaults = PipelineDefaults(max_sequence_length=512 if transformer.config.guidance_embed else 256)
         index = root / "model_index.json"
-        if index.is_file():
-            extra = json.loads(index.read_text()).get("_fluxion_defaults", {})
-            defaults = PipelineDefaults(**{**defaults.__dict__, **extra})
+        extra = json.loads(index.read_text()).get("_fluxion_defaults", {}) if index.is_file() else {}
+        defaults = PipelineDefaults.for_model(transformer.config.guidance_embed, **extra)
         return cls(transformer, vae, clip, t5, schedule, defaults, str(root))
 
     def components(self) -> dict[str, torch.nn.Module]:

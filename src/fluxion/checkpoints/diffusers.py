@@ -201,15 +201,6 @@ def infer_autoencoder_config(store: TensorStore, folder: Path, **overrides) -> A
 # ---------------------------------------------------------------- writing (our names -> diffusers names)
 
 
-def _split_sizes(orig: str, sources: tuple[str, ...], tensor) -> list[int]:
-    if len(sources) == 3:  # q, k, v
-        return [tensor.shape[0] // 3] * 3
-    hidden = tensor.shape[1] if tensor.ndim == 2 else None  # single block linear1: q, k, v, mlp
-    if hidden is None:
-        raise ValueError(f"cannot split {orig} without the hidden size")
-    return [hidden, hidden, hidden, tensor.shape[0] - 3 * hidden]
-
-
 def transformer_to_diffusers(state_dict: dict, config: FluxConfig) -> dict:
     """Our (original-layout) transformer tensors under diffusers' names, split and reordered as diffusers keeps them."""
     import torch
@@ -224,11 +215,8 @@ def transformer_to_diffusers(state_dict: dict, config: FluxConfig) -> dict:
                 continue
             t = state_dict[key]
             dsuffix = "weight" if suffix == "scale" else suffix
-            if combine == "cat":
-                if len(sources) == 4 and suffix == "bias":
-                    sizes = [config.hidden_size] * 3 + [t.shape[0] - 3 * config.hidden_size]
-                else:
-                    sizes = _split_sizes(orig, sources, state_dict[f"{orig}.weight"])
+            if combine == "cat":  # q, k, v rows of `hidden` each, then (single blocks) the mlp rows
+                sizes = [config.hidden_size] * 3 + [t.shape[0] - 3 * config.hidden_size] * (len(sources) == 4)
                 for src, part in zip(sources, torch.split(t, sizes, dim=0)):
                     out[f"{src}.{dsuffix}"] = part.contiguous()
             elif combine == "swap_halves":

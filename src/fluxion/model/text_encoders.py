@@ -43,10 +43,11 @@ class T5Embedder:
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         ).input_ids
-        full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > max_length and max_length not in _warned_lengths:
-            _warned_lengths.add(max_length)
-            log.warning("a prompt is longer than max_sequence_length=%d T5 tokens and was truncated", max_length)
+        if max_length not in _warned_lengths:  # the untruncated pass only until we have warned once
+            full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+            if full.shape[-1] > max_length:
+                _warned_lengths.add(max_length)
+                log.warning("a prompt is longer than max_sequence_length=%d T5 tokens and was truncated", max_length)
         return ids
 
     def __call__(self, prompts: list[str], max_length: int) -> Tensor:
