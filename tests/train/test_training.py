@@ -113,3 +113,15 @@ def test_bad_config_is_rejected_before_training(tmp_path):
         load_config(str(bad))
     with pytest.raises(ValueError, match="vae_path"):
         TrainConfig(kind="flux", output="x")
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_zero(tmp_path):
+    from fluxion.train.run import learning_rate
+    cfg = ae_config(tmp_path, steps=100, lr=1e-3, warmup_steps=10, decay_steps=40)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 30) == learning_rate(cfg, 60) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 80) == pytest.approx(0.5e-3)
+    assert learning_rate(cfg, 99) == pytest.approx(1e-3 / 40)
+    # Extending a run: the stable phase is unchanged by a larger `steps`, so a checkpoint taken there resumes exactly.
+    longer = ae_config(tmp_path, steps=200, lr=1e-3, warmup_steps=10, decay_steps=40)
+    assert [learning_rate(longer, s) for s in range(60)] == [learning_rate(cfg, s) for s in range(60)]

@@ -18,6 +18,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 100
+    decay_steps: int = 0  # linear decay to 0 over the last N steps (warmup-stable-decay); 0 keeps lr constant
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 disables EMA
     bf16: bool = True  # bf16 autocast (fast on CPUs with AVX-512 bf16)

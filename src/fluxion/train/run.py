@@ -67,6 +67,18 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Warmup, then constant, then (with decay_steps) a linear fall to zero over the last decay_steps steps.
+
+    Warmup-stable-decay: a run can be extended by raising `steps`, resuming from any checkpoint taken before the
+    decay began, and it follows the same schedule as a run started with the longer `steps`.
+    """
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.decay_steps:
+        lr *= min(1.0, (cfg.steps - step) / cfg.decay_steps)
+    return lr
+
+
 def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = None, export_only: bool = False) -> dict:
     """Run (or resume) training to cfg.steps; returns a summary. Stops early, checkpointed, after max_minutes.
 
@@ -119,7 +131,7 @@ def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = Non
         module.train()
     stopped_early = False
     while step < cfg.steps:
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.time()
