@@ -40,6 +40,8 @@ def cmd_generate(args) -> int:
         num_images_per_prompt=n,
         max_sequence_length=args.max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(args.seed),
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
     )
     seconds = time.perf_counter() - t0
     for i, (image, params) in enumerate(zip(result.images, result.parameters)):
@@ -87,8 +89,23 @@ def cmd_train_lora(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import run_eval
 
-    run_eval(args.model, out_dir=args.out, limit=args.limit, steps=args.steps, guidance=args.guidance)
+    run_eval(args.model, out_dir=args.out, limit=args.limit, steps=args.steps, guidance=args.guidance,
+             cache=args.cache, cache_threshold=args.cache_threshold)
     return 0
+
+
+def cmd_bench(args) -> int:
+    from .eval.speed import run_bench
+
+    print(run_bench(args.model, _torch_dtype(args.dtype), args.threads, args.repeats, args.cache_threshold))
+    return 0
+
+
+def _add_cache_arguments(parser) -> None:
+    parser.add_argument("--cache", choices=["fbcache"], default=None,
+                        help="step caching: skip the later blocks of steps whose first block barely changed")
+    parser.add_argument("--cache-threshold", dest="cache_threshold", type=float, default=None,
+                        help="fbcache threshold (relative change of the first block's residual; 0.1-0.3 usual)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-sequence-length", type=int, default=None)
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     g.add_argument("--out", default="out.png")
+    _add_cache_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe a checkpoint file or folder")
@@ -153,7 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None)
+    _add_cache_arguments(e)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="time fluxion: per step, per image at batch 1/4/16, step caching, peak RSS")
+    b.add_argument("--model", default=None)
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--cache-threshold", dest="cache_threshold", type=float, default=0.2)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -18,6 +18,7 @@ from .checkpoints import CheckpointError, load_autoencoder, load_transformer
 from .lora.pipeline_mixin import LoraMixin
 from .model.autoencoder import AutoEncoder
 from .model.text_encoders import CLIPEmbedder, T5Embedder
+from .model.step_cache import StepCache
 from .model.transformer import FluxTransformer
 from .sampling import (
     DEV_SCHEDULE,
@@ -86,6 +87,7 @@ class FluxPipeline(LoraMixin):
         self._device = torch.device("cpu")
         self._offload_device: torch.device | None = None
         self._progress = {"disable": False}
+        self._cache: tuple[str | None, float | None] = (None, None)  # set by enable_cache
 
     # ------------------------------------------------------------ loading and placement
 
@@ -157,6 +159,33 @@ class FluxPipeline(LoraMixin):
         return self
 
     enable_sequential_cpu_offload = enable_model_cpu_offload  # per-part placement is the finest we do
+
+    def enable_vae_tiling(self, **kwargs):
+        """Decode (and encode) large images in overlapping VAE tiles: see `AutoEncoder.enable_tiling`."""
+        self.vae.enable_tiling(**kwargs)
+        return self
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
+        return self
+
+    def enable_vae_slicing(self):
+        """Decode a batch one image at a time: see `AutoEncoder.enable_slicing`."""
+        self.vae.enable_slicing()
+        return self
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+        return self
+
+    def enable_cache(self, kind: str = "fbcache", threshold: float = 0.1) -> None:
+        """Step caching for every later call (a call's `cache=` / `cache_threshold=` still win)."""
+        if kind != "fbcache":
+            raise ValueError(f"cache kind must be 'fbcache', got {kind!r}")
+        self._cache = (kind, threshold)
+
+    def disable_cache(self) -> None:
+        self._cache = (None, None)
 
     def set_progress_bar_config(self, **kwargs):
         self._progress.update(kwargs)
@@ -232,8 +261,18 @@ class FluxPipeline(LoraMixin):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int | None = None,
+        cache: str | None = None,
+        cache_threshold: float | None = None,
     ):
+        """diffusers' FluxPipeline arguments, plus `cache="fbcache"` with `cache_threshold` (first-block step cache)."""
         d = self.defaults
+        cache = cache if cache is not None else self._cache[0]
+        cache_threshold = cache_threshold if cache_threshold is not None else self._cache[1]
+        if cache not in (None, "none", "fbcache"):
+            raise ValueError(f"cache must be None or 'fbcache', got {cache!r}")
+        if cache == "fbcache" and not (isinstance(cache_threshold, (int, float)) and cache_threshold > 0):
+            raise ValueError(f"cache_threshold must be a number > 0 with cache='fbcache', got {cache_threshold!r}")
+        threshold = float(cache_threshold) if cache == "fbcache" else 0.0
         height = height or d.sample_size * self.vae_scale_factor
         width = width or d.sample_size * self.vae_scale_factor
         num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -295,16 +334,19 @@ class FluxPipeline(LoraMixin):
             cfg_pooled = torch.cat([pooled_prompt_embeds, negative_pooled_prompt_embeds])
             cfg_guidance = None if guidance is None else torch.cat([guidance, guidance])
 
+        step_cache, neg_step_cache = StepCache(threshold), StepCache(threshold)  # per stream of calls
+
         def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
             if batched_cfg:
                 v, v_neg = self.transformer(
-                    torch.cat([x, x]), img_ids, cfg_txt, txt_ids, torch.cat([t, t]), cfg_pooled, cfg_guidance
+                    torch.cat([x, x]), img_ids, cfg_txt, txt_ids, torch.cat([t, t]), cfg_pooled, cfg_guidance,
+                    cache=step_cache,
                 ).chunk(2)
                 return v_neg + true_cfg_scale * (v - v_neg)
-            v = self.transformer(x, img_ids, prompt_embeds, txt_ids, t, pooled_prompt_embeds, guidance)
+            v = self.transformer(x, img_ids, prompt_embeds, txt_ids, t, pooled_prompt_embeds, guidance, cache=step_cache)
             if do_true_cfg:
                 v_neg = self.transformer(x, img_ids, negative_prompt_embeds, neg_txt_ids, t,
-                                         negative_pooled_prompt_embeds, guidance)
+                                         negative_pooled_prompt_embeds, guidance, cache=neg_step_cache)
                 v = v_neg + true_cfg_scale * (v - v_neg)
             return v
 
@@ -315,6 +357,7 @@ class FluxPipeline(LoraMixin):
         with self._placed(self.transformer):
             latents = euler(velocity, latents, schedule, self._progress_bar,
                             after_step if callback_on_step_end is not None else None)
+        self.last_cache_stats = dict(step_cache.stats)  # steps seen / skipped by the step cache (benchmarks read it)
 
         params = [
             {
@@ -326,6 +369,7 @@ class FluxPipeline(LoraMixin):
                 "num_inference_steps": len(schedule) - 1,
                 "guidance_scale": guidance_scale if self.transformer.config.guidance_embed else None,
                 "max_sequence_length": max_sequence_length,
+                "cache": f"fbcache:{threshold:g}" if threshold else None,
                 "model": self.model_path,
             }
             for p, n in zip(self._prompt_list(prompt, batch), self._prompt_list(negative_prompt, batch))

@@ -1,6 +1,17 @@
 """The FLUX autoencoder (16 latent channels, 8x down-sampling), original key layout.
 
 `encode` returns the scaled latent `scale * (z - shift)` the transformer works in; `decode` takes it back.
+
+Tiling (`enable_tiling`, as diffusers' AutoencoderKL): an input larger than one tile is cut into overlapping
+tiles that go through the encoder/decoder one at a time and are blended linearly where they overlap, so peak
+memory follows the tile size, not the image size. The tile geometry and the blend are diffusers' (tile side
+`tile_sample_min_size` = the config's sample size, `tile_latent_min_size` = that / 8, overlap factor 0.25 --
+1024 px / 128 latent tiles for FLUX.1's vae/config.json; each tile's top and left overlap fade in linearly from
+the already blended tile above and to the left, in raster order), so for the same weights the tiled outputs
+match diffusers' `tiled_decode` / `_tiled_encode`. Each tile is processed on its own: the group norms and the
+mid-block attention see only that tile's statistics, so a tiled result differs slightly from the untiled one
+(as in diffusers); an input that fits in one tile takes the untiled path and is unchanged. `enable_slicing`
+runs a batch one image at a time.
 """
 from __future__ import annotations
 
@@ -177,6 +188,46 @@ class AutoEncoder(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        # tiling / slicing state, with diffusers' AutoencoderKL attribute names and defaults
+        self.use_tiling = False
+        self.use_slicing = False
+        self.tile_sample_min_size = config.resolution
+        self.tile_latent_min_size = int(config.resolution / config.downsample_factor)
+        self.tile_overlap_factor = 0.25
+
+    # ------------------------------------------------------------ tiling / slicing switches
+
+    def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None):
+        """Encode/decode inputs larger than one tile tile by tile (see the module docstring).
+
+        With no arguments the tiles are diffusers' for this config: `config.resolution` (diffusers' sample_size:
+        1024 for FLUX.1's vae/config.json) pixels, i.e. that / 8 latent pixels, overlapping by 25%.
+        `tile_sample_min_size` sets the tile side in pixels (the latent side follows); `tile_overlap_factor`
+        the overlap. The attributes can also be set directly, as with diffusers. A VAE loaded from an original
+        ae.safetensors has resolution 256 (BFL's ae_params) unless the file says otherwise: pass
+        tile_sample_min_size=1024 to tile as diffusers' FLUX pipelines do.
+        """
+        if tile_sample_min_size is not None:
+            self.tile_sample_min_size = int(tile_sample_min_size)
+            self.tile_latent_min_size = int(self.tile_sample_min_size / self.downsample_factor)
+        if tile_overlap_factor is not None:
+            self.tile_overlap_factor = float(tile_overlap_factor)
+        self._tile_geometry()  # fail now, not at the first large image
+        self.use_tiling = True
+        return self
+
+    def disable_tiling(self):
+        self.use_tiling = False
+        return self
+
+    def enable_slicing(self):
+        """Encode/decode a batch one image at a time (less memory, same result)."""
+        self.use_slicing = True
+        return self
+
+    def disable_slicing(self):
+        self.use_slicing = False
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,7 +239,12 @@ class AutoEncoder(nn.Module):
 
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unscaled posterior mean and log-variance (clamped as the reference does)."""
-        mean, logvar = self.encoder(x.to(self.dtype)).chunk(2, dim=1)
+        x = x.to(self.dtype)
+        if self.use_slicing and x.shape[0] > 1:
+            h = torch.cat([self._encode(xs) for xs in x.split(1)])
+        else:
+            h = self._encode(x)
+        mean, logvar = h.chunk(2, dim=1)
         return mean, torch.clamp(logvar, -30.0, 20.0)
 
     def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
@@ -203,7 +259,99 @@ class AutoEncoder(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latent -> image (nominally in [-1, 1]; not clamped, so the caller chooses)."""
         z = z.to(self.dtype) / self.config.scale_factor + self.config.shift_factor
-        return self.decoder(z)
+        if self.use_slicing and z.shape[0] > 1:
+            return torch.cat([self._decode(zs) for zs in z.split(1)])
+        return self._decode(z)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------ tiled encode / decode
+
+    def _encode(self, x: Tensor) -> Tensor:
+        """Image -> encoder output (mean and log-variance stacked), tiled when enabled and x exceeds one tile."""
+        if self.use_tiling and (x.shape[-1] > self.tile_sample_min_size or x.shape[-2] > self.tile_sample_min_size):
+            return self.tiled_encode(x)
+        return self.encoder(x)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        """Unscaled latent -> image, tiled when enabled and z exceeds one tile."""
+        if self.use_tiling and (z.shape[-1] > self.tile_latent_min_size or z.shape[-2] > self.tile_latent_min_size):
+            return self.tiled_decode(z)
+        return self.decoder(z)
+
+    def _tile_geometry(self) -> tuple[int, int, int, int]:
+        """(latent tile stride, pixel tile stride, latent blend width, pixel blend width), as diffusers computes them.
+
+        The tiles of one side must line up with the other's: the pixel stride is f x the latent stride, and the
+        kept part of a tile (its side minus the blend) is one stride, or the pieces would not tile the output.
+        """
+        f, s, lat = self.downsample_factor, self.tile_sample_min_size, self.tile_latent_min_size
+        o = self.tile_overlap_factor
+        if not 0 <= o < 1:
+            raise ValueError(f"tile_overlap_factor must be in [0, 1), got {o}")
+        lat_stride, px_stride = int(lat * (1 - o)), int(s * (1 - o))
+        lat_blend, px_blend = int(lat * o), int(s * o)
+        if lat < 1 or lat_stride < 1 or s != lat * f or px_stride != lat_stride * f \
+                or lat - lat_blend != lat_stride or s - px_blend != px_stride:
+            raise ValueError(
+                f"VAE tiles do not line up: tile_sample_min_size={s}, tile_latent_min_size={lat} (must be "
+                f"{s}/{f}), tile_overlap_factor={o}; choose a tile side whose overlap is a whole number of latent "
+                f"pixels, e.g. a multiple of {f * 4} with overlap 0.25"
+            )
+        return lat_stride, px_stride, lat_blend, px_blend
+
+    def tiled_encode(self, x: Tensor) -> Tensor:
+        """Encoder output of an image, computed over tile_sample_min_size tiles (see the module docstring)."""
+        _, px_stride, lat_blend, _ = self._tile_geometry()
+        keep = self.tile_latent_min_size - lat_blend
+        return _tiled(self.encoder, x, self.tile_sample_min_size, px_stride, lat_blend, keep)
+
+    def tiled_decode(self, z: Tensor) -> Tensor:
+        """Image from an unscaled latent, decoded over tile_latent_min_size tiles (see the module docstring)."""
+        lat_stride, _, _, px_blend = self._tile_geometry()
+        keep = self.tile_sample_min_size - px_blend
+        return _tiled(self.decoder, z, self.tile_latent_min_size, lat_stride, px_blend, keep)
+
+
+def _tiled(fn, x: Tensor, tile: int, stride: int, blend: int, keep: int) -> Tensor:
+    """fn over tile x tile windows of x taken every `stride`; outputs blended over `blend` and cropped to `keep`.
+
+    diffusers' scheme, one row of tiles held at a time: each output tile's top edge is blended with the bottom
+    edge of the (already blended) tile above it, then its left edge with the right edge of the (already blended)
+    tile to its left; its top-left keep x keep part goes into the result.
+    """
+    above: list[Tensor] = []
+    rows = []
+    for i in range(0, x.shape[2], stride):
+        row: list[Tensor] = []
+        for j in range(0, x.shape[3], stride):
+            t = fn(x[:, :, i : i + tile, j : j + tile])
+            if above:
+                t = _blend(above[len(row)], t, blend, dim=2)
+            if row:
+                t = _blend(row[-1], t, blend, dim=3)
+            row.append(t)
+        rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+        above = row
+    return torch.cat(rows, dim=2)
+
+
+def _blend(a: Tensor, b: Tensor, extent: int, dim: int) -> Tensor:
+    """b with its first `extent` lines along dim faded in from a's last ones: a*(1 - k/extent) + b*(k/extent).
+
+    The same float operations as diffusers' per-line blend_v/blend_h (weights rounded to float32, each product
+    rounded to the tensor dtype, then added), so the result is bit-identical to theirs.
+    """
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return b
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    r = [k / extent for k in range(extent)]
+    wdtype = torch.float64 if b.dtype == torch.float64 else torch.float32  # the float a Python scalar becomes
+    w_a = torch.tensor([1 - v for v in r], dtype=wdtype, device=b.device).reshape(shape)
+    w_b = torch.tensor(r, dtype=wdtype, device=b.device).reshape(shape)
+    a_tail, b_head = a.narrow(dim, a.shape[dim] - extent, extent), b.narrow(dim, 0, extent)
+    head = (a_tail * w_a).to(b.dtype) + (b_head * w_b).to(b.dtype)
+    return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, position_table, timestep_embedding
+from .step_cache import StepCache
 
 
 @dataclass
@@ -110,7 +111,9 @@ class FluxTransformer(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        cache: StepCache | None = None,
     ) -> Tensor:
+        """Velocity for packed latents `img` [B, N, in_channels]; `cache` carries reuse across sampling steps."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, N, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
         batch = img.shape[0]
@@ -119,16 +122,32 @@ class FluxTransformer(nn.Module):
             guidance = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
         vec = self.conditioning(timesteps, y, guidance)
         img = self.img_in(img.to(self.dtype))
-        txt = self.txt_in(txt.to(self.dtype))
-        pe = position_table(join_ids(txt_ids, img_ids, batch), self.config.axes_dim, self.config.theta)
+
+        def text_and_positions():
+            pe = position_table(join_ids(txt_ids, img_ids, batch), self.config.axes_dim, self.config.theta)
+            return self.txt_in(txt.to(self.dtype)), pe
+
+        txt, pe = cache.text_and_positions(txt, txt_ids, img_ids, text_and_positions) if cache else text_and_positions()
 
         run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
-        for block in self.double_blocks:
+        first, *rest = self.double_blocks
+        img_before = img
+        img, txt = run(first, img, txt, vec, pe)
+        if cache is not None:
+            first_residual = img - img_before
+            cached_rest = cache.reusable_rest(first_residual)
+            if cached_rest is not None:
+                return self.final_layer(img + cached_rest, vec)
+            img_before = img
+        for block in rest:
             img, txt = run(block, img, txt, vec, pe)
         x = torch.cat([txt, img], dim=1)
         for block in self.single_blocks:
             x = run(block, x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        img = x[:, txt.shape[1] :]
+        if cache is not None:
+            cache.store(first_residual, img - img_before)
+        return self.final_layer(img, vec)
 
 
 def _call(block, *args):

@@ -1,0 +1,50 @@
+"""What the transformer may reuse from one sampling step to the next, for one generation.
+
+Exact reuse: the text projection `txt_in(txt)` and the RoPE table depend only on the prompt and the image
+size, so they are computed once per generation instead of once per step.
+
+First-block cache ("fbcache", after ParaAttention's FBCache): run the first double block; if its image
+residual changed, relative to the last fully computed step, by less than `threshold` (mean absolute
+difference over mean absolute value), skip every other block and add the residual those blocks produced
+at that last full step. 0 disables it; FLUX users typically pick 0.05-0.2 (higher is faster and rougher).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class StepCache:
+    threshold: float = 0.0
+    _inputs: tuple = ()  # the (txt, txt_ids, img_ids) objects the reused values were computed from
+    _txt: Tensor | None = None
+    _pe: Tensor | None = None
+    _first: Tensor | None = None  # first block's image residual at the last full step
+    _rest: Tensor | None = None  # the remaining blocks' image residual at that step
+    stats: dict = field(default_factory=lambda: {"steps": 0, "skipped": 0})
+
+    def text_and_positions(self, txt: Tensor, txt_ids: Tensor, img_ids: Tensor, compute):
+        """(txt_in(txt), RoPE table), computed by `compute()` only when the inputs are new tensors."""
+        key = (txt, txt_ids, img_ids)
+        if len(self._inputs) != 3 or any(a is not b for a, b in zip(key, self._inputs)):
+            self._txt, self._pe = compute()
+            self._inputs = key
+        return self._txt, self._pe
+
+    def reusable_rest(self, first_residual: Tensor) -> Tensor | None:
+        """The cached residual of the remaining blocks when this step may skip them, else None (counts the step)."""
+        self.stats["steps"] += 1
+        prev = self._first
+        if self.threshold <= 0 or prev is None or self._rest is None or prev.shape != first_residual.shape:
+            return None
+        change = (first_residual - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
+        if change.item() >= self.threshold:
+            return None
+        self.stats["skipped"] += 1
+        return self._rest
+
+    def store(self, first_residual: Tensor, rest_residual: Tensor) -> None:
+        if self.threshold > 0:
+            self._first, self._rest = first_residual, rest_residual
