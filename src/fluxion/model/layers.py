@@ -54,8 +54,36 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
     """Joint attention with RoPE: q, k, v [B, H, L, D] -> [B, L, H*D]."""
     q, k = apply_rope(q, table), apply_rope(k, table)
-    x = F.scaled_dot_product_attention(q, k, v)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        x = bf16_cpu_attention(q, k, v)
+    else:
+        x = F.scaled_dot_product_attention(q, k, v)
     return x.transpose(1, 2).flatten(2)
+
+
+def bf16_cpu_attention(q: Tensor, k: Tensor, v: Tensor, max_scores: int = 2**22) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v as bf16 matmuls over blocks of heads and queries.
+
+    On CPUs with bf16 units this is ~3x faster than torch's flash-attention kernel at FLUX sizes (1536
+    tokens, 24 heads: 0.048 s vs 0.142 s on 2 cores; bench/speed.py shows the whole step). Blocks of at
+    most `max_scores` scores (8 MiB) stay in cache, which is what makes it fast; torch accumulates the
+    softmax in float32 either way, and the probabilities are rounded to bf16 before `@ v` (as torch's math
+    attention does in bf16): outputs stay within a few bf16 ulps of the flash kernel's.
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    heads = max(1, min(h, max_scores // (b * lq * lk)))
+    rows = lq if heads > 1 else max(1, min(lq, max_scores // (b * lk)))
+    q = q * d**-0.5
+    if heads >= h and rows >= lq:  # small inputs: one block
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    out = torch.empty_like(q)
+    for i in range(0, h, heads):
+        kt, vi = k[:, i : i + heads].transpose(-1, -2), v[:, i : i + heads]
+        for j in range(0, lq, rows):
+            scores = q[:, i : i + heads, j : j + rows] @ kt
+            out[:, i : i + heads, j : j + rows] = torch.softmax(scores, dim=-1) @ vi
+    return out
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -96,6 +96,15 @@ class FluxTransformer(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.float(), 256).to(dtype))
         return vec + self.vector_in(y.to(dtype))
 
+    def compile_repeated_blocks(self, **compile_kwargs) -> None:
+        """torch.compile each block (all blocks of a kind share one graph); returns nothing until first use.
+
+        Regional compilation, as diffusers' method of the same name: compile time grows with the number of
+        block kinds (two), not with depth. The first forward afterwards pays the compile time.
+        """
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.compile(**{"dynamic": False, **compile_kwargs})
+
     @staticmethod
     def _checkpointed(block, *args):
         from torch.utils.checkpoint import checkpoint
