@@ -1,4 +1,4 @@
-"""The `fluxion` command: generate, info, train, eval."""
+"""The `fluxion` command: generate, info, quantize, train, eval."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+QUANTIZE_AT_LOAD = ["int8", "w8a8", "fp8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+GGUF_TYPES = ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16", "bf16", "f32"]
 
 
 def _torch_dtype(name: str):
@@ -23,7 +25,8 @@ def cmd_generate(args) -> int:
     from .png import save_png
 
     model = args.model or str(default_model_dir())
-    pipe = FluxPipeline.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype))
+    extra = {"quantize": args.quantize} if args.quantize else {}
+    pipe = FluxPipeline.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype), **extra)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise SystemExit(f"--out must name a .png file, got {out}")
@@ -49,6 +52,20 @@ def cmd_generate(args) -> int:
         save_png(image, path, {**params, "seed": args.seed, "image_index": i, "dtype": args.dtype})
         print(f"wrote {path} ({image.width}x{image.height})")
     print(f"{seconds:.2f} s for {n} image{'s' if n > 1 else ''} (model loaded)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .checkpoints import quantize_to_gguf
+
+    t0 = time.perf_counter()
+    plan = quantize_to_gguf(args.src, args.dst, args.type.upper())
+    counts: dict[str, int] = {}
+    for qtype in plan.values():
+        counts[qtype] = counts.get(qtype, 0) + 1
+    size = Path(args.dst).stat().st_size
+    print(f"wrote {args.dst} ({size / 2**30:.2f} GiB, {time.perf_counter() - t0:.1f} s): "
+          + ", ".join(f"{n} tensors {t}" for t, n in sorted(counts.items())))
     return 0
 
 
@@ -126,9 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--max-sequence-length", type=int, default=None)
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--quantize", choices=QUANTIZE_AT_LOAD, default=None,
+                   help="quantize the transformer's Linear layers while loading (less memory; see fluxion.quant)")
     g.add_argument("--out", default="out.png")
     _add_cache_arguments(g)
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="write a transformer checkpoint as a GGUF file")
+    q.add_argument("src", help="transformer checkpoint: original .safetensors, diffusers folder, fp8 or GGUF file")
+    q.add_argument("dst", help="the .gguf file to write")
+    q.add_argument("--type", default="q8_0", choices=GGUF_TYPES, help="GGML type of the large weights (default q8_0)")
+    q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("info", help="describe a checkpoint file or folder")
     i.add_argument("path")

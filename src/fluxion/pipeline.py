@@ -97,11 +97,13 @@ class FluxPipeline(LoraMixin):
         pretrained_model_name_or_path: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
         dtype: torch.dtype | None = None,
+        quantize: str | None = None,
         **kwargs,
     ) -> "FluxPipeline":
         """Load a diffusers-layout FLUX folder (model_index.json, transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/).
 
         With no path, the shipped fluxion-mini. Weights load in float32 unless a dtype is given (as diffusers).
+        `quantize` ("int8", "w8a8", "fp8", "q8_0", "q4_0", ...) quantizes the transformer while loading.
         """
         root = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path else default_model_dir()
         if not root.is_dir():
@@ -115,7 +117,7 @@ class FluxPipeline(LoraMixin):
         if ignored:
             log.warning("from_pretrained ignores %s", sorted(ignored))
         wdtype = dtype or torch_dtype or torch.float32
-        transformer = load_transformer(root / "transformer", wdtype)
+        transformer = load_transformer(root / "transformer", wdtype, quantize=quantize)
         vae = load_autoencoder(root / "vae", wdtype)
         clip = CLIPEmbedder.from_folders(root / "text_encoder", root / "tokenizer", wdtype)
         t5 = T5Embedder.from_folders(root / "text_encoder_2", root / "tokenizer_2", wdtype)

@@ -158,12 +158,58 @@ def check_recipes(model: nn.Module, recipes: dict[str, Recipe], store: TensorSto
             )
 
 
+def read_tensor(recipe: Recipe, store: TensorStore, dtype: torch.dtype | None) -> Tensor:
+    """One model tensor from its stored sources, in `dtype` (None: the first source's stored dtype)."""
+    target = dtype or store.dtype(recipe.sources[0])
+    tensors = [store.get(s, target if recipe.combine == "same" else None) for s in recipe.sources]
+    value = recipe.build(tensors).to(target)
+    if recipe.combine != "same":
+        for s in recipe.sources:  # their pages were copied into `value`
+            store.release(s)
+    return value
+
+
+class RecipeSource:
+    """A model's tensors under the model's own names, read through recipes one at a time (for streaming writers)."""
+
+    def __init__(self, model: nn.Module, recipes: dict[str, Recipe] | None, store: TensorStore):
+        self.shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        self.recipes = recipes or identity_recipes(list(self.shapes))
+        self.store = store
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.store.dtype(self.recipes[name].sources[0])
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        return read_tensor(self.recipes[name], self.store, dtype)
+
+    def release(self, name: str) -> None:
+        for s in self.recipes[name].sources:
+            self.store.release(s)
+
+
+#: `replace(module_name, meta_module)` -> a ready module to put in its place, or None to fill it normally
+Replacer = Callable[[str, nn.Module], "nn.Module | None"]
+
+
 def materialize(
-    factory: Callable[[], nn.Module], recipes: dict[str, Recipe] | None, store: TensorStore, dtype: torch.dtype | None
+    factory: Callable[[], nn.Module],
+    recipes: dict[str, Recipe] | None,
+    store: TensorStore,
+    dtype: torch.dtype | None,
+    replace: Replacer | None = None,
 ) -> nn.Module:
     """Build `factory()` on meta, check everything, then assign tensors one at a time (no second full copy).
 
-    `recipes=None`: the file uses the model's own names.
+    `recipes=None`: the file uses the model's own names. `replace` is asked once per module, before its own
+    tensors are read, and may build the module itself (quantized layers); the pages of the stored tensors it
+    read are released afterwards, so only one full-precision layer is ever held.
     """
     with torch.device("meta"):
         model = factory()
@@ -171,15 +217,21 @@ def materialize(
         recipes = identity_recipes(list(model.state_dict()))
     check_recipes(model, recipes, store)
     params = dict(model.named_parameters())
-    for name, meta in model.state_dict().items():
-        recipe = recipes[name]
-        target = dtype or store.dtype(recipe.sources[0])
-        tensors = [store.get(s, target if recipe.combine == "same" else None) for s in recipe.sources]
-        value = recipe.build(tensors).to(target)
-        if recipe.combine != "same":
-            for s in recipe.sources:  # their pages were copied into `value`
-                store.release(s)
+    asked: set[str] = set()
+    replaced: set[str] = set()
+    for name in model.state_dict():
         owner, _, attr = name.rpartition(".")
+        if replace is not None and owner and owner not in asked:
+            asked.add(owner)
+            new = replace(owner, model.get_submodule(owner))
+            if new is not None:
+                model.set_submodule(owner, new)
+                replaced.add(owner)
+        if owner in replaced:
+            for s in recipes[name].sources:
+                store.release(s)
+            continue
+        value = read_tensor(recipes[name], store, dtype)
         module = model.get_submodule(owner) if owner else model
         if name in params:
             module._parameters[attr] = nn.Parameter(value, requires_grad=params[name].requires_grad)
