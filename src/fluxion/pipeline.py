@@ -336,7 +336,8 @@ class FluxPipeline(LoraMixin):
             cfg_pooled = torch.cat([pooled_prompt_embeds, negative_pooled_prompt_embeds])
             cfg_guidance = None if guidance is None else torch.cat([guidance, guidance])
 
-        step_cache, neg_step_cache = StepCache(threshold), StepCache(threshold)  # per stream of calls
+        steps_t = schedule[:-1].tolist()
+        step_cache, neg_step_cache = StepCache(threshold, steps_t), StepCache(threshold, steps_t)  # one per call stream
 
         def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
             if batched_cfg:

@@ -44,16 +44,16 @@ def position_table(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tens
     return table[:, None]
 
 
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of each head by the table's matrices, in float32."""
+def apply_rope(x: Tensor, table: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of each head by the table's matrices, in float32; out in `dtype`."""
     pairs = x.float().unflatten(-1, (-1, 1, 2))
     out = table[..., 0] * pairs[..., 0] + table[..., 1] * pairs[..., 1]
-    return out.reshape(x.shape).type_as(x)
+    return out.reshape(x.shape).to(dtype or x.dtype)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
-    """Joint attention with RoPE: q, k, v [B, H, L, D] -> [B, L, H*D]."""
-    q, k = apply_rope(q, table), apply_rope(k, table)
+    """Joint attention with RoPE: q, k (any float dtype), v [B, H, L, D] -> [B, L, H*D] in v's dtype."""
+    q, k = apply_rope(q, table, v.dtype), apply_rope(k, table, v.dtype)
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         x = bf16_cpu_attention(q, k, v)
     else:
@@ -118,9 +118,11 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.float_output(x).to(x.dtype)
+
+    def float_output(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.scale.float()).to(x.dtype)
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale.float()
 
 
 class QKNorm(nn.Module):
@@ -130,7 +132,8 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+        """Normalized q and k in float32: RoPE, next, works in float32 and rounds once (to v's dtype)."""
+        return self.query_norm.float_output(q), self.key_norm.float_output(k)
 
 
 class SelfAttention(nn.Module):
@@ -183,9 +186,11 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.txt_mlp = feed_forward(dim, mlp_hidden)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mod=None) -> tuple[Tensor, Tensor]:
+        """`mod`: (img_mod(vec), txt_mod(vec)) when computed ahead (for every step at once)."""
+        img_mod, txt_mod = mod if mod is not None else (self.img_mod(vec), self.txt_mod(vec))
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
 
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), i_shift1, i_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
@@ -215,8 +220,8 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        shift, scale, gate = self.modulation(vec)
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mod=None) -> Tensor:
+        shift, scale, gate = mod if mod is not None else self.modulation(vec)
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([3 * self.dim, self.mlp_hidden], -1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
@@ -231,6 +236,10 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # shift first, as the original stores it
-        return self.linear(modulate(self.norm_final(x), shift[:, None], scale[:, None]))
+    def modulation(self, vec: Tensor) -> tuple[Tensor, Tensor]:
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # shift first, as the original stores it
+        return shift, scale
+
+    def forward(self, x: Tensor, vec: Tensor, mod=None) -> Tensor:
+        shift, scale = mod if mod is not None else self.modulation(vec)
+        return self.linear(modulate(self.norm_final(x), shift, scale))

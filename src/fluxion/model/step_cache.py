@@ -13,17 +13,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 
 @dataclass
 class StepCache:
     threshold: float = 0.0
+    timesteps: list[float] | None = None  # every step's t, known ahead: conditioning is batched over steps
     _inputs: tuple = ()  # the (txt, txt_ids, img_ids) objects the reused values were computed from
     _txt: Tensor | None = None
     _pe: Tensor | None = None
     _first: Tensor | None = None  # first block's image residual at the last full step
     _rest: Tensor | None = None  # the remaining blocks' image residual at that step
     stats: dict = field(default_factory=lambda: {"steps": 0, "skipped": 0})
+    _cond_inputs: tuple = ()
+    _cond: tuple = ()  # (timesteps as rounded, vec for all steps, modulations for all steps)
+
+    def conditioning(self, t: Tensor, y: Tensor, guidance: Tensor | None, compute_all):
+        """(vec, modulations) of this step, sliced from every step's, which `compute_all()` makes in one pass
+        (again only if y or guidance are new tensors); None when t is not one of `timesteps`."""
+        key = (y, guidance)
+        if len(self._cond_inputs) != 2 or any(a is not b for a, b in zip(key, self._cond_inputs)):
+            self._cond, self._cond_inputs = compute_all(), key
+        ts, vec, mods = self._cond
+        hits = (ts == t[0]).nonzero()
+        if not len(hits):
+            return None
+        b = y.shape[0]
+        rows = slice(int(hits[0]) * b, int(hits[0]) * b + b)
+        return vec[rows], tree_map(lambda m: m[rows], mods)
 
     def text_and_positions(self, txt: Tensor, txt_ids: Tensor, img_ids: Tensor, compute):
         """(txt_in(txt), RoPE table), computed by `compute()` only when the inputs are new tensors."""
