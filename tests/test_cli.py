@@ -47,3 +47,13 @@ def test_info_describes_a_diffusers_folder_and_an_original_file(tiny_dev_dir, ti
 def test_info_on_a_missing_path_fails_cleanly(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_generate_with_step_cache_records_it(tiny_dev_dir, tmp_path):
+    out = tmp_path / "cached.png"
+    args = ["generate", "a red circle", "--model", str(tiny_dev_dir), "--steps", "6", "--height", "32", "--width", "32",
+            "--max-sequence-length", "16", "--cache", "fbcache", "--cache-threshold", "0.9", "--out", str(out)]
+    assert main(args) == 0
+    assert read_parameters(out)["cache"] == "fbcache:0.9"
+    assert main(args[:-4] + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert read_parameters(tmp_path / "plain.png")["cache"] is None

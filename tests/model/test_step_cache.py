@@ -96,3 +96,16 @@ def test_bad_cache_arguments_fail_before_sampling(tiny_schnell_dir, kw, match, m
     monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: pytest.fail("encoded a prompt before the check"))
     with pytest.raises(ValueError, match=match):
         pipe("a red circle", height=32, width=32, **kw)
+
+
+@torch.no_grad()
+def test_conditioning_computed_for_all_steps_at_once_matches_per_step(model):
+    x = inputs(3)
+    steps = [1.0, 0.75, 0.5, 0.25]
+    cache = StepCache(timesteps=steps)
+    for t in steps + [0.6]:  # 0.6 is not a planned step: computed on its own
+        xt = dict(x, timesteps=torch.full((2,), t), img=x["img"] * t)
+        assert torch.allclose(model(**xt, cache=cache), model(**xt), rtol=1e-5, atol=1e-5)  # batched matmul rounding
+    vec, mods = model.step_conditioning(torch.full((2,), 0.5), x["y"], None, cache)
+    assert torch.allclose(vec, model.conditioning(torch.full((2,), 0.5), x["y"], None), atol=1e-6)
+    assert len(mods) == CONFIG.depth + CONFIG.depth_single_blocks + 1
