@@ -55,5 +55,5 @@ def test_generate_with_step_cache_records_it(tiny_dev_dir, tmp_path):
             "--max-sequence-length", "16", "--cache", "fbcache", "--cache-threshold", "0.9", "--out", str(out)]
     assert main(args) == 0
     assert read_parameters(out)["cache"] == "fbcache:0.9"
-    assert main(args[:-4] + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(args[:-6] + ["--out", str(tmp_path / "plain.png")]) == 0
     assert read_parameters(tmp_path / "plain.png")["cache"] is None
