@@ -399,8 +399,10 @@ def parse_lora_state_dict(
         if scale is None:
             continue
         weight = getattr(module, "weight", None)
-        dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
-        device = weight.device if isinstance(weight, Tensor) else torch.device("cpu")
+        # A quantized layer's weight is not a tensor but reports the dtype it computes in.
+        dtype = getattr(weight, "dtype", torch.float32)
+        dtype = dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
+        device = getattr(weight, "device", torch.device("cpu"))
         A = A.to(device=device, dtype=dtype, copy=True)
         B = B.to(device=device, dtype=dtype, copy=True)
         if res.target.swap:  # diffusers' norm_out.linear: (scale; shift) rows, ours (shift; scale)
