@@ -23,6 +23,7 @@ from torch import Tensor
 from ..quant import ggml
 from ..quant.linear import KEEP_FLOAT, is_kept
 from .original import CONFIG_METADATA_KEY, detect_prefix
+from .pages import register_mapping
 from .safetensors_file import CheckpointError
 
 ARCH = "flux"
@@ -59,6 +60,18 @@ def _string_fields(reader) -> dict[str, str]:
     return out
 
 
+def _number_fields(reader) -> dict[str, int | float | bool]:
+    """Single-number metadata (llama.cpp's `<arch>.block_count`, `<arch>.attention.layer_norm_rms_epsilon`, ...)."""
+    from gguf import GGUFValueType
+
+    out = {}
+    for name, field in reader.fields.items():
+        if len(field.types) == 1 and field.types[0] not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+            value = field.parts[field.data[0]][0].item()
+            out[name] = bool(value) if field.types[0] == GGUFValueType.BOOL else value
+    return out
+
+
 class GGUFStore:
     """The tensors of one GGUF file with the TensorStore interface (keys, shape, dtype, get, release, ...)."""
 
@@ -67,6 +80,10 @@ class GGUFStore:
         reader = _reader(self.path)
         self.files = [self]
         self.meta = _string_fields(reader)
+        self.numbers = _number_fields(reader)
+        mapping = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap object here
+        if mapping is not None:
+            register_mapping(mapping)  # quantized weights' pages can be given back (fluxion.checkpoints.pages)
         size = self.path.stat().st_size
         names = [t.name for t in reader.tensors]
         self.prefix = detect_prefix(names)
@@ -203,13 +220,19 @@ def tensor_type(name: str, shape, source_dtype: torch.dtype, qtype: str, keep=KE
 
 
 def write_gguf(tensors, path: str | os.PathLike, qtype: str, *, keep=KEEP_FLOAT,
-               metadata: Mapping[str, str] | None = None, config: dict | None = None) -> dict[str, str]:
+               metadata: Mapping[str, str | int | float | bool] | None = None, config: dict | None = None,
+               arch: str = ARCH, types: Mapping[str, str] | None = None, progress=None) -> dict[str, str]:
     """Write FLUX transformer tensors (original names) as a GGUF file; returns {name: GGML type written}.
 
     `tensors`: a dict name -> float tensor, or any store with keys() / shape(name) / dtype(name) / get(name)
     (e.g. a TensorStore), read one tensor at a time, so a memory-mapped model is never held whole.
     `qtype`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (or F16 / BF16 / F32). `config` (a FluxConfig dict) is stored for the
     loader (RoPE axes cannot be inferred from shapes). Written atomically: a temp file, then a rename.
+
+    Other models (fluxion.checkpoints.t5 writes T5 encoders this way): `arch` is the architecture tag, `types`
+    gives some tensors' GGML types explicitly (the rest follow `tensor_type`), `metadata` values may be strings,
+    bools, ints (written as uint32) or floats (float32). `progress` wraps the iterable of tensor names as
+    they are written (e.g. `functools.partial(tqdm, desc=...)`).
     """
     import gguf
 
@@ -218,17 +241,25 @@ def write_gguf(tensors, path: str | os.PathLike, qtype: str, *, keep=KEEP_FLOAT,
         raise ValueError(f"cannot write GGUF type {qtype!r}; fluxion writes {', '.join(ggml.QUANTIZABLE)}")
     source = _MappingSource(tensors) if isinstance(tensors, Mapping) else tensors
     names = source.keys()
-    plan = {n: tensor_type(n, source.shape(n), source.dtype(n), qtype, keep) for n in names}
+    types = types or {}
+    plan = {n: types.get(n) or tensor_type(n, source.shape(n), source.dtype(n), qtype, keep) for n in names}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch=ARCH)
+    writer = gguf.GGUFWriter(tmp, arch=arch)
     try:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(int(gguf.LlamaFileType["ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"]))
         if config is not None:
             writer.add_string(CONFIG_METADATA_KEY, json.dumps(config))
         for k, v in (metadata or {}).items():
-            writer.add_string(k, str(v))
+            if isinstance(v, bool):
+                writer.add_bool(k, v)
+            elif isinstance(v, int):
+                writer.add_uint32(k, v)
+            elif isinstance(v, float):
+                writer.add_float32(k, v)
+            else:
+                writer.add_string(k, str(v))
         for n in names:
             shape = tuple(source.shape(n))
             raw_type = gguf.GGMLQuantizationType(ggml.TYPES[plan[n]][2])
@@ -237,7 +268,7 @@ def write_gguf(tensors, path: str | os.PathLike, qtype: str, *, keep=KEEP_FLOAT,
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         release = getattr(source, "release", None)
-        for n in names:
+        for n in progress(names) if progress is not None else names:
             data = ggml.quantize(source.get(n), plan[n])
             writer.write_tensor_data(data.reshape(-1).numpy())  # aligns, writes, pads; in header order
             del data
