@@ -30,6 +30,8 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise SystemExit(f"--out must name a .png file, got {out}")
+    if args.max_memory is not None:
+        _limit_memory(pipe, Path(model) / "transformer", args.max_memory)
     n = args.num_images
     t0 = time.perf_counter()
     result = pipe(
@@ -53,6 +55,17 @@ def cmd_generate(args) -> int:
         print(f"wrote {path} ({image.width}x{image.height})")
     print(f"{seconds:.2f} s for {n} image{'s' if n > 1 else ''} (model loaded)")
     return 0
+
+
+def _limit_memory(pipe, transformer_dir: Path, gib: float) -> None:
+    """--max-memory: text encoders and transformer give their mapped pages back after running (model offload);
+    if the transformer's files alone exceed the budget, its blocks are streamed too (sequential offload)."""
+    size = sum(f.stat().st_size for f in transformer_dir.glob("*") if f.suffix in (".safetensors", ".gguf"))
+    if size > gib * 2**30:
+        pipe.enable_sequential_cpu_offload()
+        print(f"transformer files {size / 2**30:.1f} GiB > --max-memory {gib:g} GiB: streaming its blocks")
+    else:
+        pipe.enable_model_cpu_offload()
 
 
 def cmd_quantize(args) -> int:
@@ -146,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=QUANTIZE_AT_LOAD, default=None,
                    help="quantize the transformer's Linear layers while loading (less memory; see fluxion.quant)")
     g.add_argument("--out", default="out.png")
+    g.add_argument("--max-memory", dest="max_memory", type=float, default=None, metavar="GIB",
+                   help="memory budget in GiB: release each part's memory-mapped weights after it runs, and stream "
+                        "the transformer block by block when its files are larger than the budget (applies to "
+                        "weights used as stored: GGUF, fp8, or --dtype matching the file)")
     _add_cache_arguments(g)
     g.set_defaults(func=cmd_generate)
 

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoints import CheckpointError, load_autoencoder, load_transformer
+from .checkpoints.pages import release_pages, stream_blocks
 from .lora.pipeline_mixin import LoraMixin
 from .model.autoencoder import AutoEncoder
 from .model.text_encoders import CLIPEmbedder, T5Embedder
@@ -86,6 +87,8 @@ class FluxPipeline(LoraMixin):
         self.model_path = model_path
         self._device = torch.device("cpu")
         self._offload_device: torch.device | None = None
+        self._release_after_use = False  # CPU offload: give back each part's mapped file pages after it runs
+        self._block_hooks: list = []  # CPU sequential offload: per-block page release hooks
         self._progress = {"disable": False}
         self._cache: tuple[str | None, float | None] = (None, None)  # set by enable_cache
 
@@ -150,17 +153,31 @@ class FluxPipeline(LoraMixin):
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
         """Keep every part on the CPU and move each to the accelerator only while it runs.
 
-        On a CPU-only machine everything already runs where it lives, so this changes nothing.
+        On a CPU-only machine everything already runs where it lives; there, each part's memory-mapped weights
+        (zero-copy .safetensors tensors, GGUF/fp8 quantized weights) give their resident pages back once it has
+        run (`fluxion.checkpoints.pages.release_pages`): the text encoders after the prompts are encoded, the
+        transformer before the VAE decodes. The page cache keeps the data, so the next call re-reads it from
+        memory; weights held as copies (converted dtypes) are not affected.
         """
         target = torch.device(device) if device is not None else (
             torch.device("cuda", gpu_id or 0) if torch.cuda.is_available() else torch.device("cpu")
         )
         self._offload_device = target if target.type != "cpu" else None
+        self._release_after_use = target.type == "cpu"
         self.to("cpu")
         self._device = target
         return self
 
-    enable_sequential_cpu_offload = enable_model_cpu_offload  # per-part placement is the finest we do
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        """`enable_model_cpu_offload`, and on a CPU-only machine also stream the transformer's and T5's blocks:
+        each block gives its mapped pages back right after its forward, so about one block's weights are
+        resident at a time (the page cache re-serves them at the next step). With an accelerator, parts move
+        whole (per-part placement is the finest we do there)."""
+        self.enable_model_cpu_offload(gpu_id, device)
+        if self._release_after_use and not self._block_hooks:
+            for model in (self.transformer, self.t5.model):
+                self._block_hooks += stream_blocks(model)
+        return self
 
     def enable_vae_tiling(self, **kwargs):
         """Decode (and encode) large images in overlapping VAE tiles: see `AutoEncoder.enable_tiling`."""
@@ -195,7 +212,11 @@ class FluxPipeline(LoraMixin):
     @contextlib.contextmanager
     def _placed(self, module: torch.nn.Module):
         if self._offload_device is None:
-            yield module
+            try:
+                yield module
+            finally:
+                if self._release_after_use:
+                    release_pages(module)
             return
         module.to(self._offload_device)
         try:

@@ -35,6 +35,17 @@ class T5Embedder:
     def from_folders(cls, model_dir: Path, tokenizer_dir: Path, dtype: torch.dtype | None = None) -> "T5Embedder":
         return cls(*_load("T5EncoderModel", model_dir, tokenizer_dir, dtype))
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, tokenizer_dir: Path, dtype: torch.dtype = torch.bfloat16) -> "T5Embedder":
+        """The encoder from one file (GGUF, fp8 or float .safetensors; quantized weights stay quantized: see
+        `fluxion.checkpoints.t5.load_t5_encoder`) and the tokenizer from a folder."""
+        import transformers
+
+        from ..checkpoints.t5 import load_t5_encoder
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        return cls(tokenizer, load_t5_encoder(path, dtype))
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
