@@ -57,3 +57,10 @@ def test_generate_with_step_cache_records_it(tiny_dev_dir, tmp_path):
     assert read_parameters(out)["cache"] == "fbcache:0.9"
     assert main(args[:-6] + ["--out", str(tmp_path / "plain.png")]) == 0
     assert read_parameters(tmp_path / "plain.png")["cache"] is None
+
+
+def test_bench_prints_fluxions_own_table(tiny_schnell_dir, capsys):
+    assert main(["bench", "--model", str(tiny_schnell_dir), "--repeats", "1", "--threads", "1", "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| batch 1 |", "| batch 16 |", "| per step |", "fbcache 0.2", "peak RSS"):
+        assert row in out

@@ -127,7 +127,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from .eval.speed import run_bench
 
-    print(run_bench(args.model, _torch_dtype(args.dtype), args.threads, args.repeats, args.cache_threshold))
+    print(run_bench(args.model, _torch_dtype(args.dtype), args.threads, args.repeats, args.cache_threshold, args.size))
     return 0
 
 
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--cache-threshold", dest="cache_threshold", type=float, default=0.2)
+    b.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -7,6 +7,9 @@ a diffusers `transformer/` folder (sharded or not) or a pipeline folder holding 
 Quantized transformers: GGUF files (`flux1-dev-Q8_0.gguf`, or a folder holding one) and fp8 .safetensors load
 as QuantLinear layers (fluxion.quant); `load_transformer(..., quantize="q8_0")` quantizes a full-precision
 checkpoint while loading, and `quantize_to_gguf` writes a GGUF file.
+
+The T5 encoder from GGUF (llama.cpp names) or fp8 files: `load_t5_encoder` / `write_t5_gguf` (`t5`).
+`release_pages` / `stream_blocks` (`pages`) give the resident pages of memory-mapped weights back.
 """
 from __future__ import annotations
 
@@ -24,8 +27,10 @@ from . import diffusers as diffusers_format
 from . import original as original_format
 from . import quantized as quantized_format
 from .gguf import GGUFStore, write_gguf
+from .pages import release_pages, stream_blocks
 from .loading import RecipeSource, TensorStore, check_recipes, identity_recipes, materialize
 from .safetensors_file import CheckpointError, SafetensorsFile, save_safetensors
+from .t5 import load_t5_encoder, write_t5_gguf
 
 __all__ = [
     "CheckpointError",
@@ -37,6 +42,10 @@ __all__ = [
     "inspect_checkpoint",
     "quantize_to_gguf",
     "write_gguf",
+    "load_t5_encoder",
+    "write_t5_gguf",
+    "release_pages",
+    "stream_blocks",
 ]
 
 

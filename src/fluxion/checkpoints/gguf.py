@@ -23,7 +23,6 @@ from torch import Tensor
 from ..quant import ggml
 from ..quant.linear import KEEP_FLOAT, is_kept
 from .original import CONFIG_METADATA_KEY, detect_prefix
-from .pages import register_mapping
 from .safetensors_file import CheckpointError
 
 ARCH = "flux"
@@ -81,9 +80,6 @@ class GGUFStore:
         self.files = [self]
         self.meta = _string_fields(reader)
         self.numbers = _number_fields(reader)
-        mapping = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap object here
-        if mapping is not None:
-            register_mapping(mapping)  # quantized weights' pages can be given back (fluxion.checkpoints.pages)
         size = self.path.stat().st_size
         names = [t.name for t in reader.tensors]
         self.prefix = detect_prefix(names)

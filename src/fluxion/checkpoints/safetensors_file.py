@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .pages import register_mapping
-
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -95,7 +93,6 @@ class SafetensorsFile:
             with open(self.path, "rb") as f:
                 # ACCESS_COPY: private pages, so in-place updates of zero-copy weights never touch the file.
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            register_mapping(self._map)  # zero-copy weights' pages can be given back (fluxion.checkpoints.pages)
         return self._map
 
     def keys(self) -> list[str]:

@@ -90,7 +90,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def run_bench(model: str | None = None, dtype=torch.bfloat16, threads: int | None = None, repeats: int = 5,
-              cache_threshold: float = 0.2) -> str:
+              cache_threshold: float = 0.2, size: int | None = None) -> str:
     """`fluxion bench`: fluxion's own timings on a model (default fluxion-mini) at its default settings."""
     from ..eval.prompts import eval_set
     from ..pipeline import FluxPipeline
@@ -100,6 +100,8 @@ def run_bench(model: str | None = None, dtype=torch.bfloat16, threads: int | Non
     pipe = FluxPipeline.from_pretrained(model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     prompts = [it.prompt for it in eval_set()[:16]]
+    if size:
+        pipe.defaults.sample_size = size // pipe.vae_scale_factor
     gen = lambda: torch.Generator("cpu").manual_seed(0)  # noqa: E731
     rows = []
     for batch in (1, 4, 16):

@@ -36,7 +36,8 @@ class T5Embedder:
         return cls(*_load("T5EncoderModel", model_dir, tokenizer_dir, dtype))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, tokenizer_dir: Path, dtype: torch.dtype = torch.bfloat16) -> "T5Embedder":
+    def from_checkpoint(cls, path: str | Path, tokenizer_dir: Path,
+                        dtype: torch.dtype = torch.bfloat16) -> "T5Embedder":
         """The encoder from one file (GGUF, fp8 or float .safetensors; quantized weights stay quantized: see
         `fluxion.checkpoints.t5.load_t5_encoder`) and the tokenizer from a folder."""
         import transformers
