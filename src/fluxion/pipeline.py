@@ -39,6 +39,12 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _tokenizer(folder: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
 def default_model_dir() -> Path:
     """The shipped fluxion-mini, or $FLUXION_MODEL."""
     return Path(os.environ.get("FLUXION_MODEL", REPO_ROOT / "models" / "fluxion-mini"))
@@ -107,23 +113,35 @@ class FluxPipeline(LoraMixin):
 
         With no path, the shipped fluxion-mini. Weights load in float32 unless a dtype is given (as diffusers).
         `quantize` ("int8", "w8a8", "fp8", "q8_0", "q4_0", ...) quantizes the transformer while loading.
+        As in diffusers, `transformer=`, `vae=`, `text_encoder_2=` replace a part: a loaded model, or here also
+        a file (e.g. `transformer="flux1-dev-Q4_0.gguf"`, `text_encoder_2="t5-v1_1-xxl-encoder-Q8_0.gguf"`).
         """
+        parts = {k: kwargs.pop(k) for k in ("transformer", "vae", "text_encoder_2") if kwargs.get(k) is not None}
         root = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path else default_model_dir()
         if not root.is_dir():
             hint = " (fluxion reads local folders only; no weights are downloaded)" if "/" in str(root) else ""
             raise CheckpointError(f"{root}: no such model folder{hint}")
         for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            if not (root / sub).is_dir():
+            if sub not in parts and not (root / sub).is_dir():
                 raise CheckpointError(f"{root}: missing {sub}/ (a diffusers FLUX folder has transformer/, vae/, "
                                       "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
         ignored = set(kwargs) - {"use_safetensors", "local_files_only", "variant", "low_cpu_mem_usage", "revision"}
         if ignored:
             log.warning("from_pretrained ignores %s", sorted(ignored))
         wdtype = dtype or torch_dtype or torch.float32
-        transformer = load_transformer(root / "transformer", wdtype, quantize=quantize)
-        vae = load_autoencoder(root / "vae", wdtype)
+        transformer = parts.get("transformer", root / "transformer")
+        if isinstance(transformer, (str, os.PathLike)):
+            transformer = load_transformer(transformer, wdtype, quantize=quantize)
+        vae = parts.get("vae", root / "vae")
+        vae = load_autoencoder(vae, wdtype) if isinstance(vae, (str, os.PathLike)) else vae
         clip = CLIPEmbedder.from_folders(root / "text_encoder", root / "tokenizer", wdtype)
-        t5 = T5Embedder.from_folders(root / "text_encoder_2", root / "tokenizer_2", wdtype)
+        t5 = parts.get("text_encoder_2")
+        if t5 is None:
+            t5 = T5Embedder.from_folders(root / "text_encoder_2", root / "tokenizer_2", wdtype)
+        elif isinstance(t5, (str, os.PathLike)):
+            t5 = T5Embedder.from_checkpoint(t5, root / "tokenizer_2", wdtype)
+        elif not isinstance(t5, T5Embedder):  # a transformers T5EncoderModel, as diffusers users pass it
+            t5 = T5Embedder(_tokenizer(root / "tokenizer_2"), t5)
         schedule = DEV_SCHEDULE
         sched_file = root / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():
