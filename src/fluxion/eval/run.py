@@ -37,10 +37,11 @@ def time_single_image(pipe, prompt: str, repeats: int = 10, **call_kwargs) -> fl
 
 
 def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | None = None, steps: int | None = None,
-             guidance: float | None = None, cache: str | None = None, cache_threshold: float | None = None) -> dict:
+             guidance: float | None = None, cache: str | None = None, cache_threshold: float | None = None,
+             quantize: str | None = None) -> dict:
     from ..pipeline import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(model)
+    pipe = FluxPipeline.from_pretrained(model, quantize=quantize)
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": steps, "guidance_scale": guidance, "cache": cache, "cache_threshold": cache_threshold}
     items = eval_set()[:limit] if limit else eval_set()
@@ -59,7 +60,7 @@ def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | N
         "accuracy": accuracy_table(results),
         "seconds_per_image_batched": seconds / len(items),
         "seconds_single_image": single,
-        "settings": {k: v for k, v in call.items() if v is not None},
+        "settings": {k: v for k, v in {**call, "quantize": quantize}.items() if v is not None},
         "torch_threads": torch.get_num_threads(),
         "per_item": [{"prompt": it.prompt, "kind": it.kind, "seed": it.seed, "ok": r.ok, "reason": r.reason}
                      for it, r in results],
