@@ -120,7 +120,7 @@ def cmd_eval(args) -> int:
     from .eval.run import run_eval
 
     run_eval(args.model, out_dir=args.out, limit=args.limit, steps=args.steps, guidance=args.guidance,
-             cache=args.cache, cache_threshold=args.cache_threshold, quantize=args.quantize)
+             cache=args.cache, cache_threshold=args.cache_threshold, quantize=args.quantize, true_cfg=args.true_cfg)
     return 0
 
 
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None)
     _add_cache_arguments(e)
     e.add_argument("--quantize", choices=QUANTIZE_AT_LOAD, default=None, help="quantize the transformer at load")
+    e.add_argument("--true-cfg", dest="true_cfg", type=float, default=None, help="true CFG scale (default: the model's)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="time fluxion: per step, per image at batch 1/4/16, step caching, peak RSS")

@@ -38,12 +38,13 @@ def time_single_image(pipe, prompt: str, repeats: int = 10, **call_kwargs) -> fl
 
 def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | None = None, steps: int | None = None,
              guidance: float | None = None, cache: str | None = None, cache_threshold: float | None = None,
-             quantize: str | None = None) -> dict:
+             quantize: str | None = None, true_cfg: float | None = None) -> dict:
     from ..pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(model, quantize=quantize)
     pipe.set_progress_bar_config(disable=True)
-    call = {"num_inference_steps": steps, "guidance_scale": guidance, "cache": cache, "cache_threshold": cache_threshold}
+    call = {"num_inference_steps": steps, "guidance_scale": guidance, "cache": cache, "cache_threshold": cache_threshold,
+            "true_cfg_scale": true_cfg}
     items = eval_set()[:limit] if limit else eval_set()
     t0 = time.perf_counter()
     images = generate_items(pipe, items, **call)
