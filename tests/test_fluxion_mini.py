@@ -11,12 +11,12 @@ from fluxion.eval.scorer import score
 from fluxion.pipeline import default_model_dir
 
 MINI = Path(__file__).resolve().parents[1] / "models" / "fluxion-mini"
-EASY = [  # (prompt, seed): canonical prompts the shipped model gets right (chosen on this model; see README)
-    ("a red circle", 0),
-    ("a large blue circle", 1),
-    ("a yellow square on a gray background", 2),
-    ("a red triangle on a black background", 3),
-    ("two green circles", 0),
+EASY = [  # (prompt, seed): canonical prompts the shipped model gets right in `fluxion eval` (see README)
+    ("a yellow square on a white background", 1002),
+    ("a large red circle on a black background", 1008),
+    ("two red triangles on a gray background", 1076),
+    ("a purple circle right of a red circle on a black background", 1174),
+    ("a green square on a black background", 1200),  # a held-out colour-shape pair
 ]
 
 
@@ -71,5 +71,5 @@ def test_cli_uses_the_model_defaults(tmp_path):
     assert main(["generate", "a red circle", "--out", str(out)]) == 0
     params = read_parameters(out)
     assert params["true_cfg_scale"] == 3.0 and params["negative_prompt"] == ""
-    assert (params["height"], params["width"], params["num_inference_steps"]) == (128, 128, 20)
+    assert (params["height"], params["width"], params["num_inference_steps"]) == (128, 128, 28)
     assert score(Image.open(out), "a red circle").ok
