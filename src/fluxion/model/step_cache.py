@@ -57,8 +57,9 @@ class StepCache:
         prev = self._first
         if self.threshold <= 0 or prev is None or self._rest is None or prev.shape != first_residual.shape:
             return None
-        change = (first_residual - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
-        if change.item() >= self.threshold:
+        # Per image, then the largest: a batch skips only when every image in it (CFG halves included) is stable.
+        change = (first_residual - prev).abs().flatten(1).mean(1) / prev.abs().flatten(1).mean(1).clamp_min(1e-12)
+        if change.max().item() >= self.threshold:
             return None
         self.stats["skipped"] += 1
         return self._rest
