@@ -6,7 +6,7 @@ Writes a synthetic transformer checkpoint (real FLUX.1 width 3072, few blocks; >
 ORIGINAL single-file layout, streaming it tensor by tensor (the safetensors format written by hand:
 8-byte little-endian header length, JSON header, raw bytes), so the model never exists in memory here.
 Then, each in a FRESH subprocess, it loads the file with `fluxion.load_transformer` and reads
-`resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak RSS) minus the RSS just before loading:
+VmHWM (peak RSS; unlike ru_maxrss it does not inherit the parent's peak) minus the RSS just before loading:
 
 * bf16 -> bf16 (`dtype=torch.bfloat16`, the stored dtype): target peak growth / file size <= 1.3;
 * bf16 -> float32 (`dtype=torch.float32`): peak growth / weights size in float32.
@@ -21,29 +21,20 @@ import argparse
 import json
 import math
 import os
-import resource
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fluxion.eval.speed import peak_rss_bytes, rss_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 MIB = 2**20
 
 
-def rss_now() -> int:
-    """Current resident set size in bytes (VmRSS)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+rss_now, peak_rss = rss_bytes, peak_rss_bytes  # VmRSS and VmHWM, in bytes
 
 
 # ---------------------------------------------------------------- writing
@@ -207,7 +198,7 @@ def main() -> None:
                 f"| {r['peak_after_forward'] / GIB:.2f} GiB | {grow_fwd / denom:.3f} | {r['load_s']:.2f} |"
             )
         print()
-        print("growth = ru_maxrss - VmRSS right before load_transformer; target for bf16 -> bf16: <= 1.3 x file size")
+        print("growth = peak RSS (VmHWM) - VmRSS right before load_transformer; target for bf16 -> bf16: <= 1.3 x file size")
     finally:
         if not args.keep:
             for p in (path, path.with_name(path.name + ".part")):

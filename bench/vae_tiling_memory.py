@@ -5,7 +5,7 @@
 The VAE has FLUX.1's shape (ch 128, ch_mult 1,2,4,4, 2 res blocks, z 16, sample_size 1024 as in FLUX.1's
 vae/config.json), random weights, bfloat16, on the CPU. Each case runs in a FRESH subprocess, which builds the VAE,
 reads its current RSS, decodes one random latent under inference_mode and reads
-`resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak RSS); "decode growth" is peak minus the RSS before decoding.
+VmHWM (peak RSS; unlike ru_maxrss it does not inherit the parent's peak); "decode growth" is peak minus the RSS before decoding.
 A case is SIZE:MODE with MODE one of `untiled`, `tiled` (the default tiles: 1024 px / 128 latent, overlap 0.25,
 so a 1024 px image is one tile and takes the untiled path) or `tiled-N` (N px tiles). 2048 untiled is not run by
 default (its decode needs several times the memory of 1024 untiled). Prints a markdown table.
@@ -19,27 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fluxion.eval.speed import peak_rss_bytes, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 DEFAULT_CASES = "1024:untiled,1024:tiled-512,2048:tiled,2048:tiled-512"
 
 
-def rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+rss_now, peak_rss = rss_bytes, peak_rss_bytes  # VmRSS and VmHWM, in bytes
 
 
 def child(size: int, mode: str, ch: int, seed: int) -> dict:

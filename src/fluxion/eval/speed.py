@@ -28,19 +28,36 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def peak_rss_mib() -> float:
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS)."""
+    value = _status_bytes("VmRSS")
+    if value is None:
+        raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    return value
+
+
+def peak_rss_bytes() -> int:
     """This process's peak resident set so far.
 
     VmHWM of the current address space: unlike ru_maxrss, which Linux carries over fork and exec, it does not
     report the parent's peak for a child started by a benchmark.
     """
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    value = _status_bytes("VmHWM")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_mib() -> float:
+    return peak_rss_bytes() / 2**20
 
 
 def step_seconds(pipe, prompt, **call) -> float:
