@@ -64,3 +64,13 @@ def test_bench_prints_fluxions_own_table(tiny_schnell_dir, capsys):
     out = capsys.readouterr().out
     for row in ("| batch 1 |", "| batch 16 |", "| per step |", "fbcache 0.2", "peak RSS"):
         assert row in out
+
+
+def test_bench_vs_diffusers_runs_the_repo_script(monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["bench", "--vs-diffusers", "--threads", "2", "--repeats", "3"]) == 0
+    (cmd,) = calls
+    assert cmd[1].endswith("bench/speed.py") and cmd[2:] == ["--threads", "2", "--repeats", "3"]

@@ -127,6 +127,15 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from .eval.speed import run_bench
 
+    if args.vs_diffusers:  # the peer runs in the repo's bench script: fluxion itself never imports diffusers
+        import subprocess
+
+        script = Path(__file__).resolve().parents[2] / "bench" / "speed.py"
+        if not script.is_file():
+            raise ValueError(f"{script}: not found; --vs-diffusers needs a source checkout (bench/speed.py)")
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        return subprocess.call([sys.executable, str(script), *threads, "--repeats", str(args.repeats)])
+
     print(run_bench(args.model, _torch_dtype(args.dtype), args.threads, args.repeats, args.cache_threshold, args.size))
     return 0
 
@@ -225,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--cache-threshold", dest="cache_threshold", type=float, default=0.2)
     b.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    b.add_argument("--vs-diffusers", dest="vs_diffusers", action="store_true",
+                   help="run bench/speed.py: fluxion and diffusers on the same weights, ratios (needs diffusers)")
     b.set_defaults(func=cmd_bench)
     return p
 
