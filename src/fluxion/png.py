@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .files import atomic_path
+
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | None = None) -> Path:
     """Save `image` to `path`; `parameters` go into a `parameters` text chunk (JSON) and one chunk per key."""
@@ -18,13 +20,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | Non
             if v is not None:
                 info.add_text(f"fluxion:{k}", str(v))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

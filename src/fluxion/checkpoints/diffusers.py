@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import atomic_path
 from ..model.autoencoder import AutoEncoderConfig
 from ..model.transformer import FluxConfig
 from .loading import Recipe, TensorStore
@@ -295,6 +296,5 @@ def save_diffusers_part(tensors: dict, config: dict, folder: Path, dtype=None) -
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_safetensors(tensors, folder / "diffusion_pytorch_model.safetensors")
-    tmp = folder / ".config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(folder / "config.json")
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..files import atomic_path
 from ..quant import ggml
 from ..quant.linear import KEEP_FLOAT, is_kept
 from .original import CONFIG_METADATA_KEY, detect_prefix
@@ -239,42 +240,37 @@ def write_gguf(tensors, path: str | os.PathLike, qtype: str, *, keep=KEEP_FLOAT,
     names = source.keys()
     types = types or {}
     plan = {n: types.get(n) or tensor_type(n, source.shape(n), source.dtype(n), qtype, keep) for n in names}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch=arch)
-    try:
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_file_type(int(gguf.LlamaFileType["ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"]))
-        if config is not None:
-            writer.add_string(CONFIG_METADATA_KEY, json.dumps(config))
-        for k, v in (metadata or {}).items():
-            if isinstance(v, bool):
-                writer.add_bool(k, v)
-            elif isinstance(v, int):
-                writer.add_uint32(k, v)
-            elif isinstance(v, float):
-                writer.add_float32(k, v)
-            else:
-                writer.add_string(k, str(v))
-        for n in names:
-            shape = tuple(source.shape(n))
-            raw_type = gguf.GGMLQuantizationType(ggml.TYPES[plan[n]][2])
-            writer.add_tensor_info(n, shape, np.dtype(np.float32), ggml.nbytes(plan[n], shape), raw_dtype=raw_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        release = getattr(source, "release", None)
-        for n in progress(names) if progress is not None else names:
-            data = ggml.quantize(source.get(n), plan[n])
-            writer.write_tensor_data(data.reshape(-1).numpy())  # aligns, writes, pads; in header order
-            del data
-            if release is not None:
-                release(n)
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=arch)
+        try:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_file_type(int(gguf.LlamaFileType["ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"]))
+            if config is not None:
+                writer.add_string(CONFIG_METADATA_KEY, json.dumps(config))
+            for k, v in (metadata or {}).items():
+                if isinstance(v, bool):
+                    writer.add_bool(k, v)
+                elif isinstance(v, int):
+                    writer.add_uint32(k, v)
+                elif isinstance(v, float):
+                    writer.add_float32(k, v)
+                else:
+                    writer.add_string(k, str(v))
+            for n in names:
+                shape = tuple(source.shape(n))
+                raw_type = gguf.GGMLQuantizationType(ggml.TYPES[plan[n]][2])
+                writer.add_tensor_info(n, shape, np.dtype(np.float32), ggml.nbytes(plan[n], shape), raw_dtype=raw_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            release = getattr(source, "release", None)
+            for n in progress(names) if progress is not None else names:
+                data = ggml.quantize(source.get(n), plan[n])
+                writer.write_tensor_data(data.reshape(-1).numpy())  # aligns, writes, pads; in header order
+                del data
+                if release is not None:
+                    release(n)
+        finally:
+            writer.close()
     return plan
 

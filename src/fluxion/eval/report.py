@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from typing import Sequence, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
+from fluxion.files import atomic_path
 from fluxion.eval.prompts import EVAL_KINDS, EvalItem
 from fluxion.eval.scorer import ScoreResult
 
@@ -112,14 +112,6 @@ def contact_sheet(
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".contact-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report should be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
     return path

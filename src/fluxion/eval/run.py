@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..files import atomic_path
 from .prompts import EvalItem, eval_set
 from .report import accuracy_table, contact_sheet, format_table
 from .scorer import score
@@ -66,9 +66,8 @@ def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | N
         "per_item": [{"prompt": it.prompt, "kind": it.kind, "seed": it.seed, "ok": r.ok, "reason": r.reason}
                      for it, r in results],
     }
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "results.json")
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     print(table)
     print(f"\none image end to end (batch 1, model loaded): {single:.3f} s median; "
           f"batched eval: {summary['seconds_per_image_batched']:.3f} s/image; {torch.get_num_threads()} threads")

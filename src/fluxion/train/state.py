@@ -8,21 +8,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import atomic_path
+
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a kill never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict | None:
