@@ -293,7 +293,7 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from fluxion.checkpoints import load_autoencoder, load_transformer
-    from fluxion.eval.speed import bf16_matmul_rate, flux_step_flops, peak_rss_mib
+    from fluxion.eval.speed import bf16_matmul_rate, flux_step_flops, peak_rss_bytes
     from fluxion.model.text_encoders import CLIPEmbedder, T5Embedder
     from fluxion.pipeline import FluxPipeline
     from fluxion.png import save_png
@@ -366,7 +366,7 @@ def child(spec: dict) -> dict:
     arr = torch.from_numpy(np.array(image)).float()
     return {
         "type": spec["type"], "mode": spec["mode"], "threads": spec["threads"],
-        "peak_rss": peak_rss_mib() * 2**20, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss_bytes(), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "phase_peaks": mon.peaks, "phase_end_rss": mon.at_end,
         "load_s": load_s, "clip_s": marks["clip:end"] - marks["clip:start"],
         "t5_s": marks["t5:end"] - marks["t5:start"],

@@ -153,7 +153,7 @@ def section_real(repeats: int, compile_too: bool = True) -> str:
     if compiled:
         rows.insert(1, [f"fluxion, compile_repeated_blocks() (compile {compile_s:.0f} s, once)", f"{compiled:.2f}",
                         f"{compiled / st:.2f}", f"{compiled / floor:.2f}"])
-    return (f"### Real FLUX.1 widths (3072, 24 heads), 2 double + 2 single blocks, bf16, 512×512, batch 1\n\n"
+    return ("### Real FLUX.1 widths (3072, 24 heads), 2 double + 2 single blocks, bf16, 512×512, batch 1\n\n"
             + markdown_table(["", "s/step", "× diffusers", "× floor"], rows)
             + f"\n\nFloor: {flops / 1e12:.2f} TFLOP per step ÷ measured bf16 matmul rate {rate / 1e9:.0f} GFLOP/s "
               f"= {floor:.2f} s. Max |fluxion − diffusers| on the output: {diff:.3g} (bf16).")

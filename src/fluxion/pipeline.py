@@ -18,7 +18,7 @@ from .checkpoints import CheckpointError, load_autoencoder, load_transformer
 from .checkpoints.pages import release_pages, stream_blocks
 from .lora.pipeline_mixin import LoraMixin
 from .model.autoencoder import AutoEncoder
-from .model.text_encoders import CLIPEmbedder, T5Embedder
+from .model.text_encoders import CLIPEmbedder, T5Embedder, load_tokenizer
 from .model.step_cache import StepCache
 from .model.transformer import FluxTransformer
 from .sampling import (
@@ -37,12 +37,6 @@ from .sampling import (
 log = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tokenizer(folder: Path):
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(folder))
 
 
 def default_model_dir() -> Path:
@@ -141,7 +135,7 @@ class FluxPipeline(LoraMixin):
         elif isinstance(t5, (str, os.PathLike)):
             t5 = T5Embedder.from_checkpoint(t5, root / "tokenizer_2", wdtype)
         elif not isinstance(t5, T5Embedder):  # a transformers T5EncoderModel, as diffusers users pass it
-            t5 = T5Embedder(_tokenizer(root / "tokenizer_2"), t5)
+            t5 = T5Embedder(load_tokenizer(root / "tokenizer_2"), t5)
         schedule = DEV_SCHEDULE
         sched_file = root / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():

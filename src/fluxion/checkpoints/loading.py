@@ -158,14 +158,19 @@ def check_recipes(model: nn.Module, recipes: dict[str, Recipe], store: TensorSto
             )
 
 
+def release_sources(recipe: Recipe, store: TensorStore) -> None:
+    """Give back the file pages of the stored tensors a model tensor is made from."""
+    for s in recipe.sources:
+        store.release(s)
+
+
 def read_tensor(recipe: Recipe, store: TensorStore, dtype: torch.dtype | None) -> Tensor:
     """One model tensor from its stored sources, in `dtype` (None: the first source's stored dtype)."""
     target = dtype or store.dtype(recipe.sources[0])
     tensors = [store.get(s, target if recipe.combine == "same" else None) for s in recipe.sources]
     value = recipe.build(tensors).to(target)
-    if recipe.combine != "same":
-        for s in recipe.sources:  # their pages were copied into `value`
-            store.release(s)
+    if recipe.combine != "same":  # the sources' pages were copied into `value`
+        release_sources(recipe, store)
     return value
 
 
@@ -190,8 +195,7 @@ class RecipeSource:
         return read_tensor(self.recipes[name], self.store, dtype)
 
     def release(self, name: str) -> None:
-        for s in self.recipes[name].sources:
-            self.store.release(s)
+        release_sources(self.recipes[name], self.store)
 
 
 #: `replace(module_name, meta_module)` -> a ready module to put in its place, or None to fill it normally
@@ -228,8 +232,7 @@ def materialize(
                 model.set_submodule(owner, new)
                 replaced.add(owner)
         if owner in replaced:
-            for s in recipes[name].sources:
-                store.release(s)
+            release_sources(recipes[name], store)
             continue
         value = read_tensor(recipes[name], store, dtype)
         module = model.get_submodule(owner) if owner else model

@@ -34,7 +34,7 @@ class StepCache:
         """(vec, modulations) of this step, sliced from every step's, which `compute_all()` makes in one pass
         (again only if y or guidance are new tensors); None when t is not one of `timesteps`."""
         key = (y, guidance)
-        if len(self._cond_inputs) != 2 or any(a is not b for a, b in zip(key, self._cond_inputs)):
+        if not _same_objects(key, self._cond_inputs):
             self._cond, self._cond_inputs = compute_all(), key
         ts, vec, mods = self._cond
         hits = (ts == t[0]).nonzero()
@@ -47,16 +47,22 @@ class StepCache:
     def text_and_positions(self, txt: Tensor, txt_ids: Tensor, img_ids: Tensor, compute):
         """(txt_in(txt), RoPE table), computed by `compute()` only when the inputs are new tensors."""
         key = (txt, txt_ids, img_ids)
-        if len(self._inputs) != 3 or any(a is not b for a, b in zip(key, self._inputs)):
+        if not _same_objects(key, self._inputs):
             self._txt, self._pe = compute()
             self._inputs = key
         return self._txt, self._pe
 
-    def reusable_rest(self, first_residual: Tensor) -> Tensor | None:
-        """The cached residual of the remaining blocks when this step may skip them, else None (counts the step)."""
+    @property
+    def first_block_caching(self) -> bool:
+        return self.threshold > 0
+
+    def reusable_rest(self, first_residual: Tensor | None) -> Tensor | None:
+        """The cached residual of the remaining blocks when this step may skip them, else None (counts the step).
+
+        `first_residual` is None when first-block caching is off (the caller need not compute it)."""
         self.stats["steps"] += 1
         prev = self._first
-        if self.threshold <= 0 or prev is None or self._rest is None or prev.shape != first_residual.shape:
+        if first_residual is None or prev is None or self._rest is None or prev.shape != first_residual.shape:
             return None
         # Per image, then the largest: a batch skips only when every image in it (CFG halves included) is stable.
         change = (first_residual - prev).abs().flatten(1).mean(1) / prev.abs().flatten(1).mean(1).clamp_min(1e-12)
@@ -66,5 +72,9 @@ class StepCache:
         return self._rest
 
     def store(self, first_residual: Tensor, rest_residual: Tensor) -> None:
-        if self.threshold > 0:
-            self._first, self._rest = first_residual, rest_residual
+        self._first, self._rest = first_residual, rest_residual
+
+
+def _same_objects(key: tuple, previous: tuple) -> bool:
+    """Whether `key` holds the very tensors `previous` held (identity: tensors are not hashed or compared)."""
+    return len(key) == len(previous) and all(a is b for a, b in zip(key, previous))

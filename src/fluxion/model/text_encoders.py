@@ -16,12 +16,19 @@ log = logging.getLogger(__name__)
 _warned_lengths: set[int] = set()  # warn about truncation once per length, not on every call
 
 
+def load_tokenizer(tokenizer_dir: Path):
+    """A tokenizer folder, through `transformers`."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
 def _load(model_class: str, model_dir: Path, tokenizer_dir: Path, dtype: torch.dtype | None):
     """(tokenizer, model in eval mode) from local folders, through `transformers`."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     model = getattr(transformers, model_class).from_pretrained(str(model_dir), dtype=dtype or "auto").eval()
     return tokenizer, model
 
@@ -40,12 +47,9 @@ class T5Embedder:
                         dtype: torch.dtype = torch.bfloat16) -> "T5Embedder":
         """The encoder from one file (GGUF, fp8 or float .safetensors; quantized weights stay quantized: see
         `fluxion.checkpoints.t5.load_t5_encoder`) and the tokenizer from a folder."""
-        import transformers
-
         from ..checkpoints.t5 import load_t5_encoder
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        return cls(tokenizer, load_t5_encoder(path, dtype))
+        return cls(load_tokenizer(tokenizer_dir), load_t5_encoder(path, dtype))
 
     @property
     def dtype(self) -> torch.dtype:

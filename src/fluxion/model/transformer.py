@@ -97,7 +97,7 @@ class FluxTransformer(nn.Module):
         return vec + self.vector_in(y.to(dtype))
 
     def compile_repeated_blocks(self, **compile_kwargs) -> None:
-        """torch.compile each block (all blocks of a kind share one graph); returns nothing until first use.
+        """torch.compile each block (all blocks of a kind share one graph).
 
         Regional compilation, as diffusers' method of the same name: compile time grows with the number of
         block kinds (two), not with depth. The first forward afterwards pays the compile time.
@@ -166,10 +166,10 @@ class FluxTransformer(nn.Module):
 
         run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
         depth = len(self.double_blocks)
-        img_before = img
+        img_before, first_residual = img, None
         img, txt = run(self.double_blocks[0], img, txt, vec, pe, mods[0])
         if cache is not None:
-            first_residual = img - img_before
+            first_residual = img - img_before if cache.first_block_caching else None  # caching off: skip it
             cached_rest = cache.reusable_rest(first_residual)
             if cached_rest is not None:
                 return self.final_layer(img + cached_rest, vec, mods[-1])
@@ -180,7 +180,7 @@ class FluxTransformer(nn.Module):
         for block, mod in zip(self.single_blocks, mods[depth:-1]):
             x = run(block, x, vec, pe, mod)
         img = x[:, txt.shape[1] :]
-        if cache is not None:
+        if first_residual is not None:
             cache.store(first_residual, img - img_before)
         return self.final_layer(img, vec, mods[-1])
 
