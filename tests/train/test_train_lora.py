@@ -58,3 +58,46 @@ def test_cli_rejects_missing_data_before_loading(tmp_path, capsys):
     code = main(["train-lora", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o")])
     assert code == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+    return load_file(out / "pytorch_lora_weights.safetensors")
+
+
+def test_prior_preservation_generates_class_images_and_changes_training(tiny_dev_dir, image_folder, tmp_path):
+    common = dict(model=str(tiny_dev_dir), data=str(image_folder), instance_prompt="a sks", steps=2, grad_accum=1,
+                  lr=1e-2, resolution=32, validation_every=0)
+    train_lora(LoraTrainConfig(output=str(tmp_path / "plain"), **common))
+    classes = tmp_path / "classes"
+    cfg = LoraTrainConfig(output=str(tmp_path / "prior"), class_data=str(classes), class_prompt="a dog",
+                          num_class_images=3, **common)
+    train_lora(cfg)
+    made = sorted(p.name for p in classes.glob("*.png"))
+    assert made == ["class-0000.png", "class-0001.png", "class-0002.png"]
+    first = Image.open(classes / made[0]).size
+    assert first == (32, 32)
+    # a full folder is reused, not regenerated
+    stamp = (classes / made[0]).stat().st_mtime_ns
+    train_lora(LoraTrainConfig(output=str(tmp_path / "prior2"), class_data=str(classes), class_prompt="a dog",
+                               num_class_images=3, **common), resume=False)
+    assert (classes / made[0]).stat().st_mtime_ns == stamp
+    plain, prior = _adapter(tmp_path / "plain"), _adapter(tmp_path / "prior")
+    assert any(not torch.equal(plain[k], prior[k]) for k in plain)  # the class half entered the loss
+
+
+def test_caption_dropout_changes_training_and_bad_options_fail_early(tiny_dev_dir, image_folder, tmp_path):
+    common = dict(model=str(tiny_dev_dir), data=str(image_folder), instance_prompt="a sks", steps=2, grad_accum=1,
+                  batch_size=4, lr=1e-2, resolution=32, validation_every=0)
+    train_lora(LoraTrainConfig(output=str(tmp_path / "a"), **common))
+    train_lora(LoraTrainConfig(output=str(tmp_path / "b"), caption_dropout=0.5, **common))
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="caption_dropout"):
+        train_lora(LoraTrainConfig(output=str(tmp_path / "c"), caption_dropout=1.5, **common))
+    with pytest.raises(ValueError, match="--class-data"):
+        train_lora(LoraTrainConfig(output=str(tmp_path / "c"), class_prompt="a dog", **common))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        train_lora(LoraTrainConfig(output=str(tmp_path / "c"), class_data=str(empty), **common))

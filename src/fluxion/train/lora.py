@@ -3,6 +3,12 @@
 Defaults follow diffusers' train_dreambooth_lora_flux.py recipe: rank 4, lr 1e-4, constant schedule, batch 1,
 gradient accumulation 4, 500 steps; the resolution defaults to the model's own default size. Latents and text
 embeddings are computed once, since nothing that makes them is trained.
+
+Prior preservation (DreamBooth's guard against the adapter overwriting what the model already draws): a second
+folder of class images, the model's own generations, trained alongside at `prior_loss_weight`. As in diffusers,
+`class_prompt` with `num_class_images` fills the folder with base-model images when it holds fewer; a folder
+with its own captions (kohya's regularisation images) works as it is. `caption_dropout` trains that share of
+samples on the empty prompt, so the unconditional branch that true CFG subtracts stays the base model's.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..files import atomic_path
 from ..lora import add_trainable_adapter, save_lora_adapter
 from ..sampling import image_ids, latent_grid, pack, text_ids
 from .autoencoder import grid
@@ -46,6 +53,11 @@ class LoraTrainConfig:
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
     seed: int = 0
+    class_data: str | None = None  # prior preservation: folder of class images (+ captions)
+    class_prompt: str | None = None  # caption of class images without one; generates missing ones
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    caption_dropout: float = 0.0  # share of samples trained on the empty prompt
 
 
 def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[Path, str]]:
@@ -78,6 +90,17 @@ def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[
     return pairs
 
 
+def generate_class_images(pipe, folder: Path, prompt: str, count: int, resolution: int, seed: int) -> None:
+    """Fill `folder` up to `count` images of `prompt` drawn by the base model (diffusers' prior-preservation step)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
+    for i in tqdm(range(have, count), desc="class images", unit="image"):
+        image = pipe(prompt, generator=torch.Generator().manual_seed(seed + i), height=resolution,
+                     width=resolution).images[0]
+        with atomic_path(folder / f"class-{i:04d}.png", suffix=".png") as tmp:
+            image.save(tmp)
+
+
 def load_images(pairs, resolution: int) -> torch.Tensor:
     """Images resized (centre crop to square) to resolution, in [-1, 1], [N, 3, R, R]."""
     out = []
@@ -86,7 +109,7 @@ def load_images(pairs, resolution: int) -> torch.Tensor:
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1)
+        out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1)
     return torch.stack(out)
 
 
@@ -96,6 +119,12 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     pairs = read_dataset(cfg.data, cfg.instance_prompt)  # bad input fails before any model loads
     if cfg.rank < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ValueError("rank, steps, batch_size and grad_accum must be >= 1")
+    if not 0 <= cfg.caption_dropout < 1:
+        raise ValueError(f"caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    if cfg.class_data is None and cfg.class_prompt is not None:
+        raise ValueError("--class-prompt needs --class-data, the folder its images go to")
+    if cfg.class_data is not None and cfg.class_prompt is None:
+        read_dataset(cfg.class_data, None)  # a folder with its own captions; fails now if it has none
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -108,9 +137,19 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     if resolution % (2 * pipe.vae_scale_factor):
         raise ValueError(f"resolution must be a multiple of {2 * pipe.vae_scale_factor}, got {resolution}")
 
+    class_pairs = []
+    if cfg.class_data is not None:
+        if cfg.class_prompt is not None:
+            generate_class_images(pipe, Path(cfg.class_data), cfg.class_prompt, cfg.num_class_images, resolution,
+                                  cfg.seed)
+        class_pairs = read_dataset(cfg.class_data, cfg.class_prompt)
+
     with torch.no_grad():  # the cache: nothing below is trained
-        latents = pack(pipe.vae.encode(load_images(pairs, resolution)))
-        embeds, pooled, _ = pipe.encode_prompt([c for _, c in pairs])
+        everything = pairs + class_pairs
+        latents = pack(pipe.vae.encode(load_images(everything, resolution)))
+        embeds, pooled, _ = pipe.encode_prompt([c for _, c in everything] + [""])
+        empty_embeds, empty_pooled = embeds[-1:], pooled[-1:]
+        embeds, pooled = embeds[:-1], pooled[:-1]
     lat = latent_grid(resolution, resolution, pipe.vae_scale_factor)
     img_ids, txt_ids = image_ids(*lat), text_ids(embeds.shape[1])
 
@@ -152,11 +191,24 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         total = 0.0
         for micro in range(cfg.grad_accum):
             idx = torch.randint(len(pairs), (cfg.batch_size,), generator=gen)
-            x0 = latents[idx]
+            if class_pairs:  # diffusers' layout: instance half, then class half, one forward
+                idx = torch.cat([idx, len(pairs) + torch.randint(len(class_pairs), (cfg.batch_size,), generator=gen)])
+            n = len(idx)
+            x0, txt, vec = latents[idx], embeds[idx], pooled[idx]
+            if cfg.caption_dropout:
+                drop = torch.rand(n, generator=gen) < cfg.caption_dropout
+                txt = torch.where(drop[:, None, None], empty_embeds, txt)
+                vec = torch.where(drop[:, None], empty_pooled, vec)
             noise = torch.randn(x0.shape, generator=gen)
-            sigma = sample_sigmas(cfg.batch_size, "logit_normal", gen)
-            pred = transformer(interpolate(x0, noise, sigma), img_ids, embeds[idx], txt_ids, sigma, pooled[idx], guidance)
-            loss = flow_loss(pred, velocity_target(x0, noise), sigma) / cfg.grad_accum
+            sigma = sample_sigmas(n, "logit_normal", gen)
+            g = guidance.repeat(n // cfg.batch_size) if guidance is not None else None
+            pred = transformer(interpolate(x0, noise, sigma), img_ids, txt, txt_ids, sigma, vec, g)
+            target = velocity_target(x0, noise)
+            b = cfg.batch_size
+            loss = flow_loss(pred[:b], target[:b], sigma[:b])
+            if class_pairs:
+                loss = loss + cfg.prior_loss_weight * flow_loss(pred[b:], target[b:], sigma[b:])
+            loss = loss / cfg.grad_accum
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
