@@ -125,3 +125,22 @@ def test_learning_rate_warms_up_holds_then_decays_to_zero(tmp_path):
     # Extending a run: the stable phase is unchanged by a larger `steps`, so a checkpoint taken there resumes exactly.
     longer = ae_config(tmp_path, steps=200, lr=1e-3, warmup_steps=10, decay_steps=40)
     assert [learning_rate(longer, s) for s in range(60)] == [learning_rate(cfg, s) for s in range(60)]
+
+
+def test_data_workers_leave_the_run_unchanged(tmp_path, tiny_vae):
+    inline = flux_config(tmp_path / "a", tiny_vae, steps=4)
+    ahead = flux_config(tmp_path / "b", tiny_vae, steps=4, data_workers=2)
+    train(inline)
+    train(ahead)
+    a = load_checkpoint(inline.run_dir / CHECKPOINT)["modules"]["model"]
+    b = load_checkpoint(ahead.run_dir / CHECKPOINT)["modules"]["model"]
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_a_gpu_follows_the_cpu_run(tmp_path, tiny_vae):
+    cpu = flux_config(tmp_path / "cpu", tiny_vae, steps=3, bf16=False)
+    gpu = flux_config(tmp_path / "gpu", tiny_vae, steps=3, bf16=False, device="cuda", data_workers=2)
+    a, b = train(cpu), train(gpu)
+    assert abs(a["loss"] - b["loss"]) < 2e-2 * abs(a["loss"])  # TF32 convolutions on the GPU

@@ -26,6 +26,8 @@ class TrainConfig:
     sample_every: int = 500
     log_every: int = 10
     threads: int | None = None
+    device: str = "cpu"  # "cuda" trains on a GPU (bf16 autocast there too)
+    data_workers: int = 0  # processes rendering batches ahead; a GPU needs several to be kept busy
     # autoencoder
     autoencoder: dict = field(default_factory=dict)
     kl_weight: float = 1e-6

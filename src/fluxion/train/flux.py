@@ -12,7 +12,8 @@ from torch import nn
 
 from ..checkpoints import load_autoencoder
 from ..checkpoints.diffusers import save_diffusers_part, transformer_diffusers_config, transformer_to_diffusers
-from ..data.shapes import caption, make_batch, sample_scene
+from ..data.loader import BatchSource
+from ..data.shapes import caption, sample_scene
 from ..data.tokenizers import build_clip_tokenizer, build_word_t5_tokenizer, clip_special_ids
 from ..model.text_encoders import CLIPEmbedder, T5Embedder
 from ..model.transformer import FluxConfig, FluxTransformer
@@ -88,9 +89,13 @@ class FluxTask:
             "clip": transformers.CLIPTextModel(clip_cfg),
         })
         init_transformer_(self.model["transformer"])
+        self.device = torch.device(cfg.device)
+        self.model.to(self.device)
+        self.vae.to(self.device)
         side = 128 // self.vae.downsample_factor
-        self.img_ids = image_ids(side, side)
-        self.txt_ids = text_ids(cfg.max_sequence_length)
+        self.img_ids = image_ids(side, side, self.device)
+        self.txt_ids = text_ids(cfg.max_sequence_length, self.device)
+        self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=True)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -108,13 +113,14 @@ class FluxTask:
 
     def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
-        images, captions = make_batch(cfg.seed, step, cfg.batch_size, paraphrase=True)
+        images, captions = self.batches(step)
         drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
-            x0 = pack(self.vae.encode(images_to_tensor(images))).float()
-        noise = torch.randn(x0.shape, generator=generator)
+            x0 = pack(self.vae.encode(images_to_tensor(images, self.device))).float()
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)  # drawn on the CPU: same on any device
         sigma = sample_sigmas(len(captions), cfg.timestep_sampling, generator, cfg.logit_mean, cfg.logit_std)
+        sigma = sigma.to(self.device)
         txt, pooled = self.encode_text(self.model, captions)
         pred = self.model["transformer"](interpolate(x0, noise, sigma), self.img_ids, txt, self.txt_ids, sigma, pooled)
         return flow_loss(pred, velocity_target(x0, noise), sigma, cfg.loss_weighting), {}
@@ -125,7 +131,7 @@ class FluxTask:
         pipe = FluxPipeline(model["transformer"], self.vae, CLIPEmbedder(self.clip_tok, model["clip"]),
                             T5Embedder(self.t5_tok, model["t5"]), SCHNELL_SCHEDULE, defaults)
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return pipe.to(self.device)
 
     @torch.no_grad()
     def sample_grid(self, model: nn.ModuleDict, step: int) -> Image.Image:

@@ -122,7 +122,8 @@ def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = Non
         export(task, ema, cfg)
         return {"step": step, "finished": step >= cfg.steps, "loss": history[-1][1] if history else None}
 
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+    device_type = torch.device(cfg.device).type
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
     start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", unit="step", dynamic_ncols=True)
     running = []
@@ -160,9 +161,9 @@ def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = Non
     bar.close()
     checkpoint()
     if not stopped_early:
-        samples()
-        if cfg.export:
+        if cfg.export:  # before the last samples: the weights are what matters if anything fails after
             export(task, ema, cfg)
+        samples()
     return {"step": step, "finished": not stopped_early, "loss": history[-1][1] if history else None}
 
 
@@ -173,7 +174,7 @@ def export(task, ema, cfg: TrainConfig) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    task.export(ema.model if ema else task.ema_module(), tmp)
+    task.export(ema.model if ema else task.ema_module(), tmp)  # state dicts: safetensors copies off a GPU itself
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         os.replace(target, old)

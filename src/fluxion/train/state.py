@@ -38,8 +38,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages follow the weights closely
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach().float(), 1 - d)
+        ours = list(self.model.parameters())
+        theirs = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ours, theirs, 1 - d)  # one fused call: a GPU would otherwise launch one per tensor
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -1,0 +1,15 @@
+"""Batches rendered ahead in worker processes equal the ones rendered in place, in any order of asking."""
+import numpy as np
+
+from fluxion.data.loader import BatchSource
+from fluxion.data.shapes import make_batch
+
+
+def test_workers_render_the_same_batches_as_the_main_process():
+    ahead = BatchSource(seed=3, stop=12, batch_size=5, workers=2)
+    for step in [4, 5, 6, 9, 2, 3, 11, 12, 40]:  # in order, a jump ahead, back, the end, past the end
+        images, captions = ahead(step)
+        want_images, want_captions = make_batch(3, step, 5, paraphrase=True)
+        assert images.dtype == np.uint8 and images.std() > 0
+        np.testing.assert_array_equal(images, want_images)
+        assert captions == want_captions
