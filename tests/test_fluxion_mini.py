@@ -13,9 +13,9 @@ from fluxion.pipeline import default_model_dir
 MINI = Path(__file__).resolve().parents[1] / "models" / "fluxion-mini"
 EASY = [  # (prompt, seed): canonical prompts the shipped model gets right in `fluxion eval` (see README)
     ("a yellow square on a white background", 1002),
-    ("a large red circle on a black background", 1008),
-    ("two red triangles on a gray background", 1076),
-    ("a purple circle right of a red circle on a black background", 1174),
+    ("a small red circle on a black background", 1004),
+    ("three orange triangles on a white background", 1068),
+    ("a green circle right of an orange triangle on a black background", 1167),
     ("a green square on a black background", 1200),  # a held-out colour-shape pair
 ]
 
@@ -68,8 +68,8 @@ def test_cli_uses_the_model_defaults(tmp_path):
     from fluxion.png import read_parameters
 
     out = tmp_path / "mini.png"
-    assert main(["generate", "a red circle", "--out", str(out)]) == 0
+    assert main(["generate", "a red triangle on a black background", "--out", str(out)]) == 0
     params = read_parameters(out)
     assert params["true_cfg_scale"] == 3.0 and params["negative_prompt"] == ""
     assert (params["height"], params["width"], params["num_inference_steps"]) == (128, 128, 28)
-    assert score(Image.open(out), "a red circle").ok
+    assert score(Image.open(out), "a red triangle on a black background").ok

@@ -29,6 +29,8 @@ def test_dataset_reading_and_errors(image_folder, tmp_path):
         read_dataset(tmp_path, None)
     with pytest.raises(ValueError, match="no such folder"):
         read_dataset(tmp_path / "missing", "x")
+    (image_folder / "img1.txt").write_text("")  # an empty caption file: that image trains the empty prompt
+    assert [c for _, c in read_dataset(image_folder, "a sks")] == ["a photo of sks", "", "a sks"]
 
 
 def test_train_lora_writes_a_loadable_adapter_and_resumes(tiny_dev_dir, image_folder, tmp_path):

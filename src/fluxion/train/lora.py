@@ -62,7 +62,7 @@ class LoraTrainConfig:
 
 def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[Path, str]]:
     """(image, caption) pairs from a folder: `metadata.jsonl` (file_name, text), else `NAME.txt` beside each
-    image, else the instance prompt."""
+    image, else the instance prompt. An empty caption file is kept: that image trains the empty prompt."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--data {folder}: no such folder")
@@ -74,14 +74,14 @@ def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[
                 row = json.loads(line)
                 if "file_name" not in row:
                     raise ValueError(f"{meta}:{n}: each line needs a file_name (and text)")
-                pairs.append((folder / row["file_name"], row.get("text") or instance_prompt))
+                pairs.append((folder / row["file_name"], row["text"] if row.get("text") is not None else instance_prompt))
     else:
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             caption_file = path.with_suffix(".txt")
             pairs.append((path, caption_file.read_text().strip() if caption_file.is_file() else instance_prompt))
     if not pairs:
         raise ValueError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) or metadata.jsonl found")
-    missing = [str(p) for p, c in pairs if not c]
+    missing = [str(p) for p, c in pairs if c is None]
     if missing:
         raise ValueError(f"{missing[0]} has no caption: add a .txt beside it or pass --instance-prompt")
     absent = [str(p) for p, _ in pairs if not p.is_file()]
