@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--prior-loss-weight", dest="prior_loss_weight", type=float)
     lo.add_argument("--caption-dropout", dest="caption_dropout", type=float,
                     help="share of samples trained on the empty prompt (keeps true CFG's negative branch)")
+    lo.add_argument("--random-flip", dest="random_flip", action="store_true", default=None,
+                    help="mirror training images left-right at random")
     lo.add_argument("--fresh", action="store_true")
     lo.add_argument("--max-minutes", type=float, default=None)
     lo.set_defaults(func=cmd_train_lora)

@@ -88,13 +88,15 @@ def test_prior_preservation_generates_class_images_and_changes_training(tiny_dev
     assert any(not torch.equal(plain[k], prior[k]) for k in plain)  # the class half entered the loss
 
 
-def test_caption_dropout_changes_training_and_bad_options_fail_early(tiny_dev_dir, image_folder, tmp_path):
+def test_caption_dropout_and_flips_change_training_and_bad_options_fail_early(tiny_dev_dir, image_folder, tmp_path):
     common = dict(model=str(tiny_dev_dir), data=str(image_folder), instance_prompt="a sks", steps=2, grad_accum=1,
                   batch_size=4, lr=1e-2, resolution=32, validation_every=0)
     train_lora(LoraTrainConfig(output=str(tmp_path / "a"), **common))
     train_lora(LoraTrainConfig(output=str(tmp_path / "b"), caption_dropout=0.5, **common))
-    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    train_lora(LoraTrainConfig(output=str(tmp_path / "f"), random_flip=True, **common))
+    a, b, f = _adapter(tmp_path / "a"), _adapter(tmp_path / "b"), _adapter(tmp_path / "f")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], f[k]) for k in a)  # mirrored latents entered training
     with pytest.raises(ValueError, match="caption_dropout"):
         train_lora(LoraTrainConfig(output=str(tmp_path / "c"), caption_dropout=1.5, **common))
     with pytest.raises(ValueError, match="--class-data"):

@@ -58,6 +58,7 @@ class LoraTrainConfig:
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     caption_dropout: float = 0.0  # share of samples trained on the empty prompt
+    random_flip: bool = False  # mirror images left-right at random (diffusers' --random_flip)
 
 
 def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[Path, str]]:
@@ -146,7 +147,9 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
 
     with torch.no_grad():  # the cache: nothing below is trained
         everything = pairs + class_pairs
-        latents = pack(pipe.vae.encode(load_images(everything, resolution)))
+        pixels = load_images(everything, resolution)
+        latents = pack(pipe.vae.encode(pixels))
+        mirrored = pack(pipe.vae.encode(pixels.flip(-1))) if cfg.random_flip else None  # cached too
         embeds, pooled, _ = pipe.encode_prompt([c for _, c in everything] + [""])
         empty_embeds, empty_pooled = embeds[-1:], pooled[-1:]
         embeds, pooled = embeds[:-1], pooled[:-1]
@@ -195,6 +198,8 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
                 idx = torch.cat([idx, len(pairs) + torch.randint(len(class_pairs), (cfg.batch_size,), generator=gen)])
             n = len(idx)
             x0, txt, vec = latents[idx], embeds[idx], pooled[idx]
+            if mirrored is not None:
+                x0 = torch.where((torch.rand(n, generator=gen) < 0.5)[:, None, None], mirrored[idx], x0)
             if cfg.caption_dropout:
                 drop = torch.rand(n, generator=gen) < cfg.caption_dropout
                 txt = torch.where(drop[:, None, None], empty_embeds, txt)
