@@ -3,11 +3,11 @@
     .venv/bin/python bench/lora_ring_demo.py            # data, training, evaluation; about 10-15 min on 2 cores
     .venv/bin/python bench/lora_ring_demo.py --eval-only
 
-The recipe is DreamBooth with prior preservation: beside the 20 ring images, the base model's own images of 200
-random training captions of the shapes world (drawn by the model before training, kohya-style regularisation
-images with their captions) keep the adapter from overwriting what the model already draws. Caption dropout
-would teach the empty prompt rings, so the empty prompt is trained on the base model's own unconditional images
-instead (one class image in ten). Batch 16 (+16 class images) rather than the recipe's
+The recipe is DreamBooth with prior preservation: beside the 20 ring images, 200 of the base model's own
+images (drawn before training; kohya-style regularisation images with their captions) keep the adapter from
+overwriting what the model already draws: circles, the ring's nearest class, which an adapter without them
+turns into rings, random training captions, and the empty prompt (caption dropout would teach the empty prompt
+rings; this keeps the unconditional branch that true CFG subtracts). Batch 16 (+16 class images) rather than the recipe's
 batch 1: on a CPU a batch of 16 costs little more per step than a batch of 1.
 
 Reports: training time, how often `a COLOR sks` draws a ring of that colour (50 seeded tries), and the base
@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fluxion import FluxPipeline
-from fluxion.data.shapes import BACKGROUNDS, COLORS, format_spec, sample_spec
+from fluxion.data.shapes import BACKGROUNDS, COLORS, HELDOUT_PAIRS, Spec, format_spec, make_batch, sample_spec
 from fluxion.eval.prompts import eval_set
 from fluxion.eval.report import accuracy_table, contact_sheet
 from fluxion.eval.run import generate_items
@@ -65,12 +65,25 @@ def make_data(folder: Path, n: int = 20, seed: int = 0) -> None:
         (folder / f"ring{i:02d}.txt").write_text(f"{article(color)} {color} sks")
 
 
-def make_class_data(folder: Path, n: int = 200, seed: int = 0) -> None:
-    """The base model's images of n random training captions (held-out pairs excluded), captions beside them; one
-    in ten of the empty prompt, so the unconditional branch that true CFG subtracts stays the base model's."""
+def class_caption(i: int, rng: np.random.Generator, circles: bool = True) -> str:
+    """Class image i's caption: of every ten, four a circle (the ring's nearest class: DreamBooth's class
+    prompt; without `circles`, random too), five a random training caption, one empty. No held-out pairs."""
+    if i % 10 == 9:
+        return ""
+    if circles and i % 10 in (0, 2, 4, 6):
+        colors = [c for c in PALETTE if (c, "circle") not in HELDOUT_PAIRS]
+        spec = Spec("single", (colors[rng.integers(len(colors))],), ("circle",), 1, None,
+                    ("small", "large", None)[rng.integers(3)], (None, *BACKGROUNDS)[rng.integers(4)])
+        return format_spec(spec)
+    return format_spec(sample_spec(rng))
+
+
+def make_class_data(folder: Path, n: int = 200, seed: int = 0, circles: bool = True) -> None:
+    """The base model's own images of n class captions (`class_caption`), captions beside them: the empty ones
+    keep the unconditional branch that true CFG subtracts the base model's."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    captions = ["" if i % 10 == 9 else format_spec(sample_spec(rng)) for i in range(n)]
+    captions = [class_caption(i, rng, circles) for i in range(n)]
     pipe = FluxPipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
     for start in range(0, n, 25):
@@ -79,6 +92,16 @@ def make_class_data(folder: Path, n: int = 200, seed: int = 0) -> None:
         for i, (image, text) in enumerate(zip(images, chunk), start):
             image.save(folder / f"class{i:03d}.png")
             (folder / f"class{i:03d}.txt").write_text(text)
+
+
+def make_world_class_data(folder: Path, n: int = 400, seed: int = 77) -> None:
+    """Regularisation images rendered by the shapes world itself (held-out pairs excluded, as in training), with
+    their canonical captions; one in ten captioned empty, as the base model's caption dropout did."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, captions = make_batch(seed, 0, n, paraphrase=False)
+    for i, (image, text) in enumerate(zip(images, captions)):
+        Image.fromarray(image).save(folder / f"world{i:03d}.png")
+        (folder / f"world{i:03d}.txt").write_text("" if i % 10 == 9 else text)
 
 
 def is_ring(image: Image.Image, color: str) -> bool:
@@ -104,12 +127,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--class-images", type=int, default=200, help="0: no prior preservation")
     parser.add_argument("--caption-dropout", type=float, default=0.0)
+    parser.add_argument("--flip", action="store_true",
+                        help="random left-right flips (they also flip the class images' left/right captions)")
+    parser.add_argument("--class-source", choices=["model", "world"], default="model",
+                        help="class images drawn by the base model, or rendered by the shapes world")
+    parser.add_argument("--no-circle-class", dest="circles", action="store_false",
+                        help="class images of random captions only (no circles)")
     args = parser.parse_args()
     data, classes, adapter = OUT / "data", OUT / "classes", OUT / "adapter"
     results = {}
@@ -117,12 +146,15 @@ def main() -> int:
         make_data(data)
         t0 = time.perf_counter()
         if args.class_images:
-            make_class_data(classes, args.class_images)
+            if args.class_source == "world":
+                make_world_class_data(classes, args.class_images)
+            else:
+                make_class_data(classes, args.class_images, circles=args.circles)
         results["class_image_seconds"] = time.perf_counter() - t0
         train_lora(LoraTrainConfig(data=str(data), output=str(adapter), steps=args.steps, lr=args.lr, rank=args.rank,
                                    batch_size=args.batch_size, grad_accum=args.grad_accum,
                                    class_data=str(classes) if args.class_images else None,
-                                   caption_dropout=args.caption_dropout,
+                                   caption_dropout=args.caption_dropout, random_flip=args.flip,
                                    validation_prompt="a blue sks", validation_every=500), resume=False)
         results["train_seconds"] = time.perf_counter() - t0  # class images included
 
@@ -150,7 +182,7 @@ def main() -> int:
         "overall_drop_points": 100 * (base_acc["overall"] - tuned_acc["overall"]),
         "steps": args.steps, "lr": args.lr, "rank": args.rank,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "class_images": args.class_images,
-        "caption_dropout": args.caption_dropout,
+        "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles, "class_source": args.class_source,
     })
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
