@@ -183,7 +183,8 @@ def main() -> int:
         "overall_drop_points": 100 * (base_acc["overall"] - tuned_acc["overall"]),
         "steps": args.steps, "lr": args.lr, "rank": args.rank,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "class_images": args.class_images,
-        "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles, "class_source": args.class_source,
+        "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
+        "class_source": args.class_source,
     })
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -103,5 +103,5 @@ def test_caption_dropout_and_flips_change_training_and_bad_options_fail_early(ti
         train_lora(LoraTrainConfig(output=str(tmp_path / "c"), class_prompt="a dog", **common))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="--class-data .*no images"):
         train_lora(LoraTrainConfig(output=str(tmp_path / "c"), class_data=str(empty), **common))

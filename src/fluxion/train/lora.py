@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..files import atomic_path
 from ..lora import add_trainable_adapter, save_lora_adapter
 from ..sampling import image_ids, latent_grid, pack, text_ids
 from .autoencoder import grid
 from .flow import flow_loss, interpolate, sample_sigmas, velocity_target
-from .run import step_generator
+from .run import save_image_atomic, step_generator
 from .state import load_checkpoint, save_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -61,12 +60,12 @@ class LoraTrainConfig:
     random_flip: bool = False  # mirror images left-right at random (diffusers' --random_flip)
 
 
-def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[Path, str]]:
+def read_dataset(folder: str | Path, instance_prompt: str | None, flag: str = "--data") -> list[tuple[Path, str]]:
     """(image, caption) pairs from a folder: `metadata.jsonl` (file_name, text), else `NAME.txt` beside each
     image, else the instance prompt. An empty caption file is kept: that image trains the empty prompt."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--data {folder}: no such folder")
+        raise ValueError(f"{flag} {folder}: no such folder")
     pairs = []
     meta = folder / "metadata.jsonl"
     if meta.is_file():
@@ -81,7 +80,7 @@ def read_dataset(folder: str | Path, instance_prompt: str | None) -> list[tuple[
             caption_file = path.with_suffix(".txt")
             pairs.append((path, caption_file.read_text().strip() if caption_file.is_file() else instance_prompt))
     if not pairs:
-        raise ValueError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) or metadata.jsonl found")
+        raise ValueError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) or metadata.jsonl found")
     missing = [str(p) for p, c in pairs if c is None]
     if missing:
         raise ValueError(f"{missing[0]} has no caption: add a .txt beside it or pass --instance-prompt")
@@ -98,8 +97,7 @@ def generate_class_images(pipe, folder: Path, prompt: str, count: int, resolutio
     for i in tqdm(range(have, count), desc="class images", unit="image"):
         image = pipe(prompt, generator=torch.Generator().manual_seed(seed + i), height=resolution,
                      width=resolution).images[0]
-        with atomic_path(folder / f"class-{i:04d}.png", suffix=".png") as tmp:
-            image.save(tmp)
+        save_image_atomic(image, folder / f"class-{i:04d}.png")
 
 
 def load_images(pairs, resolution: int) -> torch.Tensor:
@@ -124,8 +122,9 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         raise ValueError(f"caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
     if cfg.class_data is None and cfg.class_prompt is not None:
         raise ValueError("--class-prompt needs --class-data, the folder its images go to")
+    class_pairs = []  # a folder with its own captions is read (and fails) now; one to fill, after generating
     if cfg.class_data is not None and cfg.class_prompt is None:
-        read_dataset(cfg.class_data, None)  # a folder with its own captions; fails now if it has none
+        class_pairs = read_dataset(cfg.class_data, None, "--class-data")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -138,12 +137,9 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     if resolution % (2 * pipe.vae_scale_factor):
         raise ValueError(f"resolution must be a multiple of {2 * pipe.vae_scale_factor}, got {resolution}")
 
-    class_pairs = []
-    if cfg.class_data is not None:
-        if cfg.class_prompt is not None:
-            generate_class_images(pipe, Path(cfg.class_data), cfg.class_prompt, cfg.num_class_images, resolution,
-                                  cfg.seed)
-        class_pairs = read_dataset(cfg.class_data, cfg.class_prompt)
+    if cfg.class_prompt is not None:
+        generate_class_images(pipe, Path(cfg.class_data), cfg.class_prompt, cfg.num_class_images, resolution, cfg.seed)
+        class_pairs = read_dataset(cfg.class_data, cfg.class_prompt, "--class-data")
 
     with torch.no_grad():  # the cache: nothing below is trained
         everything = pairs + class_pairs
@@ -183,7 +179,7 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         images = pipe([cfg.validation_prompt] * 4, generator=[torch.Generator().manual_seed(i) for i in range(4)],
                       height=resolution, width=resolution).images
         transformer.train()
-        grid(images, columns=4).save(out / f"validation-{step:05d}.png")
+        save_image_atomic(grid(images, columns=4), out / f"validation-{step:05d}.png")
 
     start = time.time()
     transformer.train()
