@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of samples trained on the empty prompt (keeps true CFG's negative branch)")
     lo.add_argument("--random-flip", dest="random_flip", action="store_true", default=None,
                     help="mirror training images left-right at random")
+    lo.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16"],
+                    help="bf16: the transformer's matmuls in bfloat16, the adapter float32 (about 2x faster on "
+                         "CPUs with AVX-512 bf16)")
+    lo.add_argument("--lora-layers", dest="targets", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
+                    help="comma-separated layer names to adapt (diffusers names such as attn.to_q,proj_mlp, or "
+                         "original ones); default: the DreamBooth-LoRA recipe's attention and feed-forward layers")
     lo.add_argument("--fresh", action="store_true")
     lo.add_argument("--max-minutes", type=float, default=None)
     lo.set_defaults(func=cmd_train_lora)

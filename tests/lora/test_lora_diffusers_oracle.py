@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 import fluxion
-from fluxion.lora import LoraPiece, add_trainable_adapter, attach_adapter
+from fluxion.lora import DEFAULT_TARGETS, LoraPiece, add_trainable_adapter, attach_adapter
 
 pytest.importorskip("peft", reason="diffusers needs peft to load LoRAs")
 
@@ -68,10 +68,13 @@ def pair(g, rank, n_in, n_out, std=0.3):
 
 # ---------------------------------------------------------------- (a) fluxion writes, diffusers reads
 
-def _fluxion_adapter(ours, name, seed):
-    """Random non-zero A and B on every default training target, alpha 6 / rank 4, plus CLIP layers."""
+WIDE = DEFAULT_TARGETS + ("proj_mlp", "proj_out", "norm.linear", "norm1.linear", "norm1_context.linear")
+
+
+def _fluxion_adapter(ours, name, seed, targets=DEFAULT_TARGETS):
+    """Random non-zero A and B on every training target, alpha 6 / rank 4, plus CLIP layers."""
     g = torch.Generator().manual_seed(seed)
-    params = add_trainable_adapter(ours.transformer, name, rank=4, alpha=6.0, generator=g)
+    params = add_trainable_adapter(ours.transformer, name, rank=4, alpha=6.0, targets=targets, generator=g)
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
@@ -85,11 +88,14 @@ def _fluxion_adapter(ours, name, seed):
     attach_adapter(clip, name, te)
 
 
-@pytest.mark.parametrize("flavour", ["dev", "schnell"])
-def test_fluxion_file_loads_in_diffusers(flavour, request, tmp_path):
+@pytest.mark.parametrize("flavour,targets", [("dev", DEFAULT_TARGETS), ("schnell", DEFAULT_TARGETS), ("dev", WIDE)],
+                         ids=["dev", "schnell", "dev-wide-targets"])
+def test_fluxion_file_loads_in_diffusers(flavour, targets, request, tmp_path):
+    """Wide targets add the single blocks' MLP and output (row and column pieces of fused layers), every
+    modulation, and the final projection."""
     ours, ref = load_pipes(request.getfixturevalue(f"tiny_{flavour}_dir"))
     base = images(ours)
-    _fluxion_adapter(ours, "mine", seed=1)
+    _fluxion_adapter(ours, "mine", seed=1, targets=targets)
     path = ours.save_lora_weights(tmp_path, adapter_name="mine", base_model=flavour)
     assert path.name == "pytorch_lora_weights.safetensors"
     ref.load_lora_weights(str(tmp_path))  # unchanged: diffusers' own loader, default weight name

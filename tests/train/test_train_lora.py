@@ -105,3 +105,36 @@ def test_caption_dropout_and_flips_change_training_and_bad_options_fail_early(ti
     empty.mkdir()
     with pytest.raises(ValueError, match="--class-data .*no images"):
         train_lora(LoraTrainConfig(output=str(tmp_path / "c"), class_data=str(empty), **common))
+
+
+def test_bf16_mixed_precision_and_wider_targets(tiny_dev_dir, image_folder, tmp_path):
+    common = dict(model=str(tiny_dev_dir), data=str(image_folder), instance_prompt="a sks", steps=3, grad_accum=1,
+                  batch_size=4, lr=1e-2, resolution=32, validation_every=0)
+    train_lora(LoraTrainConfig(output=str(tmp_path / "f32"), **common))
+    train_lora(LoraTrainConfig(output=str(tmp_path / "bf16"), mixed_precision="bf16", **common))
+    f32, bf16 = _adapter(tmp_path / "f32"), _adapter(tmp_path / "bf16")
+    assert f32.keys() == bf16.keys()
+    assert all(v.dtype == torch.float32 for v in bf16.values())  # the adapter itself stays float32
+    a, b = (torch.cat([d[k].flatten() for k in sorted(d) if "lora_B" in k]) for d in (f32, bf16))
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    assert not torch.equal(a, b) and cosine > 0.9  # bf16 matmuls: the same training, slightly different numbers
+
+    train_lora(LoraTrainConfig(output=str(tmp_path / "wide"), targets=("attn.to_q", "proj_mlp", "norm.linear"),
+                               **common))
+    wide = _adapter(tmp_path / "wide")
+    names = {k.rsplit(".lora_", 1)[0].split(".", 3)[-1] for k in wide}  # transformer.BLOCKS.I.NAME
+    assert names == {"attn.to_q", "proj_mlp", "norm.linear"}
+    with pytest.raises(ValueError, match="mixed_precision"):
+        train_lora(LoraTrainConfig(output=str(tmp_path / "c"), mixed_precision="fp16", **common))
+
+
+def test_cli_passes_precision_and_layers(tiny_dev_dir, image_folder, tmp_path):
+    import json
+    out = tmp_path / "o"
+    code = main(["train-lora", "--model", str(tiny_dev_dir), "--data", str(image_folder), "--instance-prompt", "a sks",
+                 "--output", str(out), "--steps", "1", "--grad-accum", "1", "--resolution", "32",
+                 "--validation-every", "0", "--mixed-precision", "bf16", "--lora-layers", "attn.to_q, proj_out"])
+    assert code == 0
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["mixed_precision"] == "bf16" and cfg["targets"] == ["attn.to_q", "proj_out"]
+    assert {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in _adapter(out)} == {"to_q", "proj_out"}
