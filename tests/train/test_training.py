@@ -144,3 +144,19 @@ def test_training_on_a_gpu_follows_the_cpu_run(tmp_path, tiny_vae):
     gpu = flux_config(tmp_path / "gpu", tiny_vae, steps=3, bf16=False, device="cuda", data_workers=2)
     a, b = train(cpu), train(gpu)
     assert abs(a["loss"] - b["loss"]) < 2e-2 * abs(a["loss"])  # TF32 convolutions on the GPU
+
+
+def test_decoder_only_training_keeps_the_encoder_and_its_latent_space(tmp_path, tiny_vae):
+    from fluxion.checkpoints import load_autoencoder
+    cfg = ae_config(tmp_path, steps=4, vae_init=str(tiny_vae), decoder_only=True, export=str(tmp_path / "out"),
+                    autoencoder={})  # the architecture comes from vae_init
+    train(cfg)
+    before, after = load_autoencoder(tiny_vae), load_autoencoder(tmp_path / "out")
+    old, new = before.state_dict(), after.state_dict()
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("encoder."))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    assert (after.config.scale_factor, after.config.shift_factor) == (before.config.scale_factor,
+                                                                      before.config.shift_factor)
+    with pytest.raises(ValueError, match="vae_init"):
+        ae_config(tmp_path, decoder_only=True)

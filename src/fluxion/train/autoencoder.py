@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..checkpoints import load_autoencoder
 from ..checkpoints.diffusers import autoencoder_diffusers_config, autoencoder_to_diffusers, save_diffusers_part
 from ..data.loader import BatchSource
 from ..data.shapes import make_batch
@@ -37,8 +38,15 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 class AutoencoderTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        # scale/shift are measured on the data at export; identity while training
-        self.model = AutoEncoder(AutoEncoderConfig(**{"scale_factor": 1.0, "shift_factor": 0.0, **cfg.autoencoder}))
+        self.init = load_autoencoder(cfg.vae_init) if cfg.vae_init else None
+        if self.init is not None:  # go on from a trained one; its own architecture, in training form
+            arch = {**self.init.config.to_dict(), "scale_factor": 1.0, "shift_factor": 0.0}
+            self.model = AutoEncoder(AutoEncoderConfig(**arch))
+            self.model.load_state_dict(self.init.state_dict())
+        else:  # scale/shift are measured on the data at export; identity while training
+            self.model = AutoEncoder(AutoEncoderConfig(**{"scale_factor": 1.0, "shift_factor": 0.0, **cfg.autoencoder}))
+        if cfg.decoder_only:
+            self.model.encoder.requires_grad_(False)
         self.device = torch.device(cfg.device)
         self.model.to(self.device)
         self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=False)
@@ -47,7 +55,7 @@ class AutoencoderTask:
         return {"autoencoder": self.model}
 
     def trainable(self):
-        return list(self.model.parameters())
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def ema_module(self) -> torch.nn.Module:
         return self.model
@@ -55,7 +63,8 @@ class AutoencoderTask:
     def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         images, _ = self.batches(step)
         x = images_to_tensor(images, self.device)
-        mean, logvar = self.model.encode_moments(x)
+        with torch.set_grad_enabled(not self.cfg.decoder_only):
+            mean, logvar = self.model.encode_moments(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(self.device)
         recon = self.model.decoder(z)
         l1 = F.l1_loss(recon.float(), x)
@@ -82,8 +91,11 @@ class AutoencoderTask:
         return z.mean().item(), z.std().item()
 
     def export(self, model: AutoEncoder, folder: Path) -> None:
-        shift, std = self.latent_stats(model)
-        config = AutoEncoderConfig(**{**model.config.to_dict(), "scale_factor": round(1 / std, 4),
-                                      "shift_factor": round(shift, 4)})
+        if self.cfg.decoder_only:  # the latent space is the initial one's, scale and shift included
+            scale, shift = self.init.config.scale_factor, self.init.config.shift_factor
+        else:
+            shift, std = self.latent_stats(model)
+            scale, shift = round(1 / std, 4), round(shift, 4)
+        config = AutoEncoderConfig(**{**model.config.to_dict(), "scale_factor": scale, "shift_factor": shift})
         save_diffusers_part(autoencoder_to_diffusers(model.state_dict(), config), autoencoder_diffusers_config(config),
                             Path(folder))

@@ -31,6 +31,8 @@ class TrainConfig:
     # autoencoder
     autoencoder: dict = field(default_factory=dict)
     kl_weight: float = 1e-6
+    vae_init: str | None = None  # start from this trained autoencoder (diffusers vae/ folder or ae.safetensors)
+    decoder_only: bool = False  # train the decoder alone: the encoder, hence the latent space, stays as it was
     # flux
     transformer: dict = field(default_factory=dict)
     t5: dict = field(default_factory=dict)
@@ -51,6 +53,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.kind not in ("autoencoder", "flux"):
             raise ValueError(f"config kind must be 'autoencoder' or 'flux', got {self.kind!r}")
+        if self.decoder_only and not self.vae_init:
+            raise ValueError("decoder_only needs vae_init: the trained autoencoder whose decoder to go on training")
         if self.kind == "flux" and not self.vae_path:
             raise ValueError("a flux config needs vae_path: the trained autoencoder to encode images with")
         self.betas = tuple(self.betas)
