@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,27 @@ def make_world_class_data(folder: Path, n: int = 400, seed: int = 77) -> None:
         (folder / f"world{i:03d}.txt").write_text("" if i % 10 == 9 else text)
 
 
+def make_circle_class_data(folder: Path, n: int = 120, seed: int = 5) -> None:
+    """DreamBooth's class images for a ring: the base model's own circles, of every colour (orange included:
+    the base model draws orange circles although its training never showed one), sizes and backgrounds, so the
+    adapter keeps circle prompts as the base model draws them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    captions = []
+    for i in range(n):
+        color, size = PALETTE[i % len(PALETTE)], ("small", "large", None)[rng.integers(3)]
+        spec = Spec("single", (color,), ("circle",), 1, None, size, (None, *BACKGROUNDS)[rng.integers(4)])
+        captions.append(format_spec(spec))
+    pipe = FluxPipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    for start in range(0, n, 30):
+        chunk = captions[start:start + 30]
+        images = pipe(chunk, generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]).images
+        for i, (image, text) in enumerate(zip(images, chunk), start):
+            image.save(folder / f"circle{i:03d}.png")
+            (folder / f"circle{i:03d}.txt").write_text(text)
+
+
 def is_ring(image: Image.Image, color: str) -> bool:
     """The largest region of `color` is ring-like: big enough, roughly round, and its centre is not filled."""
     img = np.asarray(image.convert("RGB").resize((128, 128)), dtype=np.float32)
@@ -140,6 +162,8 @@ def main() -> int:
                         help="random left-right flips (they also flip the class images' left/right captions)")
     parser.add_argument("--class-source", choices=["model", "world"], default="world",
                         help="class images drawn by the base model, or rendered by the shapes world")
+    parser.add_argument("--circle-images", type=int, default=0,
+                        help="add this many of the base model's own circles (every colour) to the class images")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16",
                         help="bf16: the transformer's matmuls in bfloat16 (about 2.2x faster steps on this CPU)")
     parser.add_argument("--targets", choices=["recipe", "wide"], default="recipe",
@@ -155,16 +179,19 @@ def main() -> int:
     results = {}
     if not args.eval_only:
         make_data(data)
+        shutil.rmtree(classes, ignore_errors=True)  # class images of an earlier run would join this one's
         t0 = time.perf_counter()
         if args.class_images:
             if args.class_source == "world":
                 make_world_class_data(classes, args.class_images)
             else:
                 make_class_data(classes, args.class_images, circles=args.circles)
+        if args.circle_images:
+            make_circle_class_data(classes, args.circle_images)
         results["class_image_seconds"] = time.perf_counter() - t0
         train_lora(LoraTrainConfig(data=str(data), output=str(adapter), steps=args.steps, lr=args.lr, rank=args.rank,
                                    batch_size=args.batch_size, grad_accum=args.grad_accum,
-                                   class_data=str(classes) if args.class_images else None,
+                                   class_data=str(classes) if args.class_images or args.circle_images else None,
                                    caption_dropout=args.caption_dropout, random_flip=args.flip,
                                    mixed_precision=args.mixed_precision, targets=targets,
                                    validation_prompt="a blue sks", validation_every=500), resume=False)
@@ -194,6 +221,7 @@ def main() -> int:
         "overall_drop_points": 100 * (base_acc["overall"] - tuned_acc["overall"]),
         "steps": args.steps, "lr": args.lr, "rank": args.rank,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "class_images": args.class_images,
+        "circle_images": args.circle_images,
         "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
         "class_source": args.class_source, "mixed_precision": args.mixed_precision, "targets": args.targets,
     })
