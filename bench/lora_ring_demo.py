@@ -130,7 +130,7 @@ def make_circle_class_data(folder: Path, n: int = 120, seed: int = 5) -> None:
 
 
 def is_ring(image: Image.Image, color: str) -> bool:
-    """The largest region of `color` is ring-like: big enough, roughly round, and its centre is not filled."""
+    """The largest region of `color` is a ring: big enough, roughly round, its centre not filled and enclosed."""
     img = np.asarray(image.convert("RGB").resize((128, 128)), dtype=np.float32)
     cls = _class_map(img)
     labels = _label(cls)
@@ -145,7 +145,12 @@ def is_ring(image: Image.Image, color: str) -> bool:
     cy, cx = (ys.max() + ys.min()) // 2, (xs.max() + xs.min()) // 2
     r = max(1, min(h, w) // 8)
     centre = cls[cy - r : cy + r + 1, cx - r : cx + r + 1]
-    return bool((centre != target).mean() > 0.8)  # the hole
+    if (centre != target).mean() <= 0.8:  # no hole in the middle: a disc
+        return False
+    # the hole is closed: what is not the ring around the centre does not reach the image's edge (a C is no ring)
+    outside = _label(np.where(labels == ids[counts.argmax()], -1, 0).astype(np.int16))
+    hole = outside == outside[cy, cx]
+    return bool(outside[cy, cx] >= 0 and not (hole[0].any() or hole[-1].any() or hole[:, 0].any() or hole[:, -1].any()))
 
 
 def main() -> int:
