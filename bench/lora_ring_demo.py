@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fluxion import FluxPipeline
+from fluxion.pipeline import default_model_dir
 from fluxion.data.shapes import BACKGROUNDS, COLORS, HELDOUT_PAIRS, Spec, format_spec, make_batch, sample_spec
 from fluxion.eval.prompts import eval_set
 from fluxion.eval.report import accuracy_table, contact_sheet
@@ -40,6 +41,17 @@ from fluxion.train.lora import LoraTrainConfig, train_lora
 OUT = Path(__file__).resolve().parent / "out" / "lora-ring"
 PALETTE = list(COLORS)
 WIDE_EXTRA = ("proj_mlp", "proj_out", "norm.linear", "norm1.linear", "norm1_context.linear")
+TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.net.0.proj",
+               "ff_context.net.2")
+
+
+def text_side_targets() -> tuple[str, ...]:
+    """The double blocks' text stream, and the single blocks (which carry text and image tokens together): the
+    double blocks' image stream stays the base model's."""
+    config = json.loads((default_model_dir() / "transformer" / "config.json").read_text())
+    single = tuple(f"single_transformer_blocks.{i}.{name}" for i in range(config["num_single_layers"])
+                   for name in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"))
+    return TEXT_STREAM + single
 
 
 def article(word: str) -> str:
@@ -166,6 +178,7 @@ def main() -> int:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--class-images", type=int, default=400, help="0: no prior preservation")
     parser.add_argument("--caption-dropout", type=float, default=0.0)
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--flip", action="store_true",
                         help="random left-right flips (they also flip the class images' left/right captions)")
     parser.add_argument("--class-source", choices=["model", "world"], default="world",
@@ -175,16 +188,16 @@ def main() -> int:
     parser.add_argument("--circle-cfg", type=float, default=1.0, help="true CFG scale the circles are drawn with")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16",
                         help="bf16: the transformer's matmuls in bfloat16 (about 2.2x faster steps on this CPU)")
-    parser.add_argument("--targets", choices=["recipe", "wide"], default="recipe",
+    parser.add_argument("--targets", choices=["recipe", "wide", "text-side"], default="recipe",
                         help="recipe: diffusers' DreamBooth-LoRA layers; wide: also the single blocks' MLP and "
-                             "output, and every block's modulation")
+                             "output, and every block's modulation; text-side: `text_side_targets`")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for data, adapter and results")
     parser.add_argument("--no-circle-class", dest="circles", action="store_false",
                         help="class images of random captions only (no circles)")
     args = parser.parse_args()
     out = args.out
     data, classes, adapter = out / "data", out / "classes", out / "adapter"
-    targets = DEFAULT_TARGETS + WIDE_EXTRA if args.targets == "wide" else None
+    targets = {"recipe": None, "wide": DEFAULT_TARGETS + WIDE_EXTRA, "text-side": text_side_targets()}[args.targets]
     results = {}
     if not args.eval_only:
         make_data(data)
@@ -203,6 +216,7 @@ def main() -> int:
                                    class_data=str(classes) if args.class_images or args.circle_images else None,
                                    caption_dropout=args.caption_dropout, random_flip=args.flip,
                                    mixed_precision=args.mixed_precision, targets=targets,
+                                   prior_loss_weight=args.prior_loss_weight,
                                    validation_prompt="a blue sks", validation_every=500), resume=False)
         results["train_seconds"] = time.perf_counter() - t0  # class images included
 
@@ -233,6 +247,7 @@ def main() -> int:
         "circle_images": args.circle_images, "circle_cfg": args.circle_cfg,
         "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
         "class_source": args.class_source, "mixed_precision": args.mixed_precision, "targets": args.targets,
+        "prior_loss_weight": args.prior_loss_weight,
     })
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
