@@ -193,6 +193,7 @@ def main() -> int:
     parser.add_argument("--targets", choices=["recipe", "wide", "text-side"], default="text-side",
                         help="recipe: diffusers' DreamBooth-LoRA layers; wide: also the single blocks' MLP and "
                              "output, and every block's modulation; text-side: `text_side_targets`")
+    parser.add_argument("--adapter-weight", type=float, default=1.0, help="the adapter's weight when evaluating")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for data, adapter and results")
     parser.add_argument("--no-circle-class", dest="circles", action="store_false",
                         help="class images of random captions only (no circles)")
@@ -229,6 +230,7 @@ def main() -> int:
     base_acc = accuracy_table([(it, score(im, it.prompt)) for it, im in zip(items, base)])
 
     pipe.load_lora_weights(adapter, weight_name="pytorch_lora_weights.safetensors", adapter_name="sks")
+    pipe.set_adapters(["sks"], [args.adapter_weight])
     prompts = [f"{article(c)} {c} sks" for c in PALETTE] * 9
     prompts = prompts[:50]
     gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
@@ -249,7 +251,7 @@ def main() -> int:
         "circle_images": args.circle_images, "circle_cfg": args.circle_cfg,
         "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
         "class_source": args.class_source, "mixed_precision": args.mixed_precision, "targets": args.targets,
-        "prior_loss_weight": args.prior_loss_weight,
+        "prior_loss_weight": args.prior_loss_weight, "adapter_weight": args.adapter_weight,
     })
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
