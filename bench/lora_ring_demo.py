@@ -90,10 +90,28 @@ def class_caption(i: int, rng: np.random.Generator, circles: bool = True) -> str
         return ""
     if circles and i % 10 in (0, 2, 4, 6):
         colors = [c for c in PALETTE if (c, "circle") not in HELDOUT_PAIRS]
-        spec = Spec("single", (colors[rng.integers(len(colors))],), ("circle",), 1, None,
-                    ("small", "large", None)[rng.integers(3)], (None, *BACKGROUNDS)[rng.integers(4)])
-        return format_spec(spec)
+        return circle_caption(colors[rng.integers(len(colors))], rng)
     return format_spec(sample_spec(rng))
+
+
+def circle_caption(color: str, rng: np.random.Generator) -> str:
+    """A single circle of `color`, of a random size word (or none) on a random background (or none)."""
+    spec = Spec("single", (color,), ("circle",), 1, None, ("small", "large", None)[rng.integers(3)],
+                (None, *BACKGROUNDS)[rng.integers(4)])
+    return format_spec(spec)
+
+
+def draw_class_images(folder: Path, captions: list[str], seed: int, prefix: str, chunk: int, **call) -> None:
+    """The base model's images of `captions` (image i seeded `seed + i`), `chunk` at a time, captions beside them."""
+    pipe = FluxPipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    for start in range(0, len(captions), chunk):
+        part = captions[start:start + chunk]
+        images = pipe(part, generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(part))],
+                      **call).images
+        for i, (image, text) in enumerate(zip(images, part), start):
+            image.save(folder / f"{prefix}{i:03d}.png")
+            (folder / f"{prefix}{i:03d}.txt").write_text(text)
 
 
 def make_class_data(folder: Path, n: int = 200, seed: int = 0, circles: bool = True) -> None:
@@ -101,15 +119,7 @@ def make_class_data(folder: Path, n: int = 200, seed: int = 0, circles: bool = T
     keep the unconditional branch that true CFG subtracts the base model's."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    captions = [class_caption(i, rng, circles) for i in range(n)]
-    pipe = FluxPipeline.from_pretrained()
-    pipe.set_progress_bar_config(disable=True)
-    for start in range(0, n, 25):
-        chunk = captions[start:start + 25]
-        images = pipe(chunk, generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]).images
-        for i, (image, text) in enumerate(zip(images, chunk), start):
-            image.save(folder / f"class{i:03d}.png")
-            (folder / f"class{i:03d}.txt").write_text(text)
+    draw_class_images(folder, [class_caption(i, rng, circles) for i in range(n)], seed, "class", chunk=25)
 
 
 def make_world_class_data(folder: Path, n: int = 400, seed: int = 77) -> None:
@@ -130,20 +140,8 @@ def make_circle_class_data(folder: Path, n: int = 120, seed: int = 5, cfg: float
     guidance would apply twice."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    captions = []
-    for i in range(n):
-        color, size = PALETTE[i % len(PALETTE)], ("small", "large", None)[rng.integers(3)]
-        spec = Spec("single", (color,), ("circle",), 1, None, size, (None, *BACKGROUNDS)[rng.integers(4)])
-        captions.append(format_spec(spec))
-    pipe = FluxPipeline.from_pretrained()
-    pipe.set_progress_bar_config(disable=True)
-    for start in range(0, n, 30):
-        chunk = captions[start:start + 30]
-        images = pipe(chunk, generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))],
-                      true_cfg_scale=cfg).images
-        for i, (image, text) in enumerate(zip(images, chunk), start):
-            image.save(folder / f"circle{i:03d}.png")
-            (folder / f"circle{i:03d}.txt").write_text(text)
+    captions = [circle_caption(PALETTE[i % len(PALETTE)], rng) for i in range(n)]
+    draw_class_images(folder, captions, seed, "circle", chunk=30, true_cfg_scale=cfg)
 
 
 def is_ring(image: Image.Image, color: str) -> bool:
@@ -189,7 +187,8 @@ def main() -> int:
                         help="add this many of the base model's own circles (every colour) to the class images")
     parser.add_argument("--circle-cfg", type=float, default=1.0, help="true CFG scale the circles are drawn with")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16",
-                        help="bf16: the transformer's matmuls in bfloat16 (about 2.2x faster steps on this CPU)")
+                        help="bf16: the transformer's matmuls in bfloat16 (2.1x faster steps here: "
+                             "bench/lora_step_speed.py)")
     parser.add_argument("--targets", choices=["recipe", "wide", "text-side"], default="text-side",
                         help="recipe: diffusers' DreamBooth-LoRA layers; wide: also the single blocks' MLP and "
                              "output, and every block's modulation; text-side: `text_side_targets`")

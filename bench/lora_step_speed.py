@@ -35,6 +35,7 @@ def main() -> None:
     size = pipe.defaults.sample_size * pipe.vae_scale_factor
     img_ids = image_ids(*latent_grid(size, size, pipe.vae_scale_factor))
     seq = pipe.defaults.max_sequence_length
+    txt_ids = text_ids(seq)
     x = torch.randn(args.batch, len(img_ids), model.config.in_channels, generator=g)
     txt = torch.randn(args.batch, seq, model.config.context_in_dim, generator=g)
     vec = torch.randn(args.batch, model.config.vec_in_dim, generator=g)
@@ -45,7 +46,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                pred = model(x, img_ids, txt, text_ids(seq), sigma, vec, None)
+                pred = model(x, img_ids, txt, txt_ids, sigma, vec, None)
             (pred.float() - target).pow(2).mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -38,11 +38,12 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 class AutoencoderTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.init = load_autoencoder(cfg.vae_init) if cfg.vae_init else None
-        if self.init is not None:  # go on from a trained one; its own architecture, in training form
-            arch = {**self.init.config.to_dict(), "scale_factor": 1.0, "shift_factor": 0.0}
-            self.model = AutoEncoder(AutoEncoderConfig(**arch))
-            self.model.load_state_dict(self.init.state_dict())
+        if cfg.vae_init:  # go on from a trained one; its own architecture, in training form
+            init = load_autoencoder(cfg.vae_init)
+            self.init_scale_shift = init.config.scale_factor, init.config.shift_factor
+            self.model = AutoEncoder(AutoEncoderConfig(**{**init.config.to_dict(), "scale_factor": 1.0,
+                                                          "shift_factor": 0.0}))
+            self.model.load_state_dict(init.state_dict())
         else:  # scale/shift are measured on the data at export; identity while training
             self.model = AutoEncoder(AutoEncoderConfig(**{"scale_factor": 1.0, "shift_factor": 0.0, **cfg.autoencoder}))
         if cfg.decoder_only:
@@ -92,7 +93,7 @@ class AutoencoderTask:
 
     def export(self, model: AutoEncoder, folder: Path) -> None:
         if self.cfg.decoder_only:  # the latent space is the initial one's, scale and shift included
-            scale, shift = self.init.config.scale_factor, self.init.config.shift_factor
+            scale, shift = self.init_scale_shift
         else:
             shift, std = self.latent_stats(model)
             scale, shift = round(1 / std, 4), round(shift, 4)

@@ -159,7 +159,8 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     params = add_trainable_adapter(transformer, ADAPTER, rank=cfg.rank, alpha=cfg.alpha,
                                    targets=tuple(cfg.targets) if cfg.targets else DEFAULT_TARGETS,
                                    generator=torch.Generator().manual_seed(cfg.seed))
-    # bf16 autocast: on CPUs with AVX-512 bf16 a training step runs about 2.2x faster (fluxion-mini, batch 32);
+    # bf16 autocast: on CPUs with AVX-512 bf16 a training step runs 2.1x faster (fluxion-mini, batch 32:
+    # bench/lora_step_speed.py);
     # the adapter's weights, its gradients and the optimizer stay float32, as with accelerate's bf16.
     device_type = next(transformer.parameters()).device.type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
