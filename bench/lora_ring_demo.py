@@ -179,6 +179,8 @@ def main() -> int:
     parser.add_argument("--class-images", type=int, default=400, help="0: no prior preservation")
     parser.add_argument("--caption-dropout", type=float, default=0.0)
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument("--prior-target", choices=["images", "base_model"], default="images",
+                        help="the class half's target: the class images' velocity, or the base model's prediction")
     parser.add_argument("--flip", action="store_true",
                         help="random left-right flips (they also flip the class images' left/right captions)")
     parser.add_argument("--class-source", choices=["model", "world"], default="world",
@@ -218,7 +220,7 @@ def main() -> int:
                                    class_data=str(classes) if args.class_images or args.circle_images else None,
                                    caption_dropout=args.caption_dropout, random_flip=args.flip,
                                    mixed_precision=args.mixed_precision, targets=targets,
-                                   prior_loss_weight=args.prior_loss_weight,
+                                   prior_loss_weight=args.prior_loss_weight, prior_target=args.prior_target,
                                    validation_prompt="a blue sks", validation_every=500), resume=False)
         results["train_seconds"] = time.perf_counter() - t0  # class images included
 
@@ -250,7 +252,7 @@ def main() -> int:
         "circle_images": args.circle_images, "circle_cfg": args.circle_cfg,
         "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
         "class_source": args.class_source, "mixed_precision": args.mixed_precision, "targets": args.targets,
-        "prior_loss_weight": args.prior_loss_weight, "adapter_weight": args.adapter_weight,
+        "prior_loss_weight": args.prior_loss_weight, "prior_target": args.prior_target, "adapter_weight": args.adapter_weight,
     })
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -138,3 +138,34 @@ def test_cli_passes_precision_and_layers(tiny_dev_dir, image_folder, tmp_path):
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["mixed_precision"] == "bf16" and cfg["targets"] == ["attn.to_q", "proj_out"]
     assert {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in _adapter(out)} == {"to_q", "proj_out"}
+
+
+def test_base_model_prior_target_measures_only_the_adapters_deviation(tiny_dev_dir, image_folder, tmp_path):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(classes / f"c{i}.png")
+        (classes / f"c{i}.txt").write_text(f"a dog number {i}")
+    common = dict(model=str(tiny_dev_dir), data=str(image_folder), instance_prompt="a sks", grad_accum=1,
+                  batch_size=2, lr=1e-2, resolution=32, validation_every=0, class_data=str(classes))
+
+    def run(name, steps, target, weight):
+        train_lora(LoraTrainConfig(output=str(tmp_path / name), steps=steps, prior_target=target,
+                                   prior_loss_weight=weight, **common))
+        return _adapter(tmp_path / name)
+
+    def gap(a, b):
+        return torch.cat([(a[k] - b[k]).flatten() for k in a]).abs().mean().item()
+
+    # step 1 starts from a zero adapter: the student is the base model, so the base-model prior has no gradient
+    # (but for rounding: the two forwards see batches of different sizes, which flips Adam's first step on a few
+    # weights whose gradient is near zero) and its weight does not matter; the images' prior has one, and it does
+    assert gap(run("b1", 1, "base_model", 1.0), run("b1x", 1, "base_model", 30.0)) < 1e-5  # measured 1.4e-7
+    assert gap(run("i1", 1, "images", 1.0), run("i1x", 1, "images", 30.0)) > 1e-4  # measured 1.2e-3
+    # once the adapter has moved, the base model pulls it back: the weight matters
+    b3, b3x = run("b3", 3, "base_model", 1.0), run("b3x", 3, "base_model", 30.0)
+    assert gap(b3, b3x) > 1e-3  # measured 9.6e-3
+    assert sum(v.norm() for k, v in b3x.items() if "lora_B" in k) < sum(v.norm() for k, v in b3.items() if "lora_B" in k)
+    with pytest.raises(ValueError, match="prior_target"):
+        run("bad", 1, "teacher", 1.0)
