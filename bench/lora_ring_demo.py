@@ -175,6 +175,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--class-batch-size", type=int, default=None, help="default: --batch-size")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--class-images", type=int, default=400, help="0: no prior preservation")
     parser.add_argument("--caption-dropout", type=float, default=0.0)
@@ -216,7 +217,8 @@ def main() -> int:
             make_circle_class_data(classes, args.circle_images, cfg=args.circle_cfg)
         results["class_image_seconds"] = time.perf_counter() - t0
         train_lora(LoraTrainConfig(data=str(data), output=str(adapter), steps=args.steps, lr=args.lr, rank=args.rank,
-                                   batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                   batch_size=args.batch_size, class_batch_size=args.class_batch_size,
+                                   grad_accum=args.grad_accum,
                                    class_data=str(classes) if args.class_images or args.circle_images else None,
                                    caption_dropout=args.caption_dropout, random_flip=args.flip,
                                    mixed_precision=args.mixed_precision, targets=targets,
@@ -248,7 +250,7 @@ def main() -> int:
         "eval_with_adapter": tuned_acc,
         "overall_drop_points": 100 * (base_acc["overall"] - tuned_acc["overall"]),
         "steps": args.steps, "lr": args.lr, "rank": args.rank,
-        "batch_size": args.batch_size, "grad_accum": args.grad_accum, "class_images": args.class_images,
+        "batch_size": args.batch_size, "class_batch_size": args.class_batch_size, "grad_accum": args.grad_accum, "class_images": args.class_images,
         "circle_images": args.circle_images, "circle_cfg": args.circle_cfg,
         "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
         "class_source": args.class_source, "mixed_precision": args.mixed_precision, "targets": args.targets,

@@ -169,3 +169,27 @@ def test_base_model_prior_target_measures_only_the_adapters_deviation(tiny_dev_d
     assert sum(v.norm() for k, v in b3x.items() if "lora_B" in k) < sum(v.norm() for k, v in b3.items() if "lora_B" in k)
     with pytest.raises(ValueError, match="prior_target"):
         run("bad", 1, "teacher", 1.0)
+
+
+def test_class_batch_size_sets_the_class_half(tiny_dev_dir, image_folder, tmp_path, monkeypatch):
+    from fluxion.model.transformer import FluxTransformer
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(classes / "c.png")
+    (classes / "c.txt").write_text("a dog")
+    batches = []
+    forward = FluxTransformer.forward
+
+    def recording(self, hidden, *args, **kwargs):
+        if self.training:
+            batches.append(hidden.shape[0])
+        return forward(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer, "forward", recording)
+    common = dict(model=str(tiny_dev_dir), data=str(image_folder), instance_prompt="a sks", steps=2, grad_accum=1,
+                  batch_size=3, resolution=32, validation_every=0, class_data=str(classes))
+    train_lora(LoraTrainConfig(output=str(tmp_path / "a"), **common))
+    assert batches == [6, 6]  # diffusers' way: as many class images as instance images
+    batches.clear()
+    train_lora(LoraTrainConfig(output=str(tmp_path / "b"), class_batch_size=1, prior_target="base_model", **common))
+    assert batches == [4, 1, 4, 1]  # the student's 3 + 1, then the base model's forward of the class image

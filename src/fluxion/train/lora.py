@@ -62,6 +62,7 @@ class LoraTrainConfig:
     class_prompt: str | None = None  # caption of class images without one; generates missing ones
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    class_batch_size: int | None = None  # class images per micro-batch; None: batch_size, as in diffusers
     prior_target: str = "images"  # "images": DreamBooth's velocity to the class images; "base_model": see above
     caption_dropout: float = 0.0  # share of samples trained on the empty prompt
     random_flip: bool = False  # mirror images left-right at random (diffusers' --random_flip)
@@ -125,8 +126,8 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     from ..pipeline import FluxPipeline
 
     pairs = read_dataset(cfg.data, cfg.instance_prompt)  # bad input fails before any model loads
-    if cfg.rank < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ValueError("rank, steps, batch_size and grad_accum must be >= 1")
+    if cfg.rank < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or (cfg.class_batch_size or 1) < 1:
+        raise ValueError("rank, steps, batch_size, class_batch_size and grad_accum must be >= 1")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     if cfg.prior_target not in ("images", "base_model"):
@@ -184,7 +185,7 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         step = state["step"]
         print(f"resumed {out / 'lora_checkpoint.pt'} at step {step}")
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
-    guidance = (torch.full((cfg.batch_size,), cfg.guidance_scale) if transformer.config.guidance_embed else None)
+    class_batch = cfg.class_batch_size or cfg.batch_size
 
     def checkpoint():
         save_atomic({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
@@ -210,7 +211,7 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         for micro in range(cfg.grad_accum):
             idx = torch.randint(len(pairs), (cfg.batch_size,), generator=gen)
             if class_pairs:  # diffusers' layout: instance half, then class half, one forward
-                idx = torch.cat([idx, len(pairs) + torch.randint(len(class_pairs), (cfg.batch_size,), generator=gen)])
+                idx = torch.cat([idx, len(pairs) + torch.randint(len(class_pairs), (class_batch,), generator=gen)])
             n = len(idx)
             x0, txt, vec = latents[idx], embeds[idx], pooled[idx]
             if mirrored is not None:
@@ -221,7 +222,7 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
                 vec = torch.where(drop[:, None], empty_pooled, vec)
             noise = torch.randn(x0.shape, generator=gen)
             sigma = sample_sigmas(n, "logit_normal", gen)
-            g = guidance.repeat(n // cfg.batch_size) if guidance is not None else None
+            g = torch.full((n,), cfg.guidance_scale) if transformer.config.guidance_embed else None
             x_t = interpolate(x0, noise, sigma)
             with autocast:
                 pred = transformer(x_t, img_ids, txt, txt_ids, sigma, vec, g)
