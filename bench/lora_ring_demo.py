@@ -24,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ from PIL import Image, ImageDraw
 
 from fluxion import FluxPipeline
 from fluxion.pipeline import default_model_dir
-from fluxion.data.shapes import BACKGROUNDS, COLORS, HELDOUT_PAIRS, Spec, format_spec, make_batch, sample_spec
+from fluxion.data.shapes import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, P_MENTION_BACKGROUND, P_MENTION_SIZE, Spec,
+                                  format_spec, make_batch, parse_caption, sample_spec)
 from fluxion.eval.prompts import eval_set
 from fluxion.eval.report import accuracy_table, contact_sheet
 from fluxion.eval.run import generate_items
@@ -73,14 +75,20 @@ def render_ring(color: str, background: str, rng: np.random.Generator, size: int
     return im.resize((size, size), Image.BOX)
 
 
-def make_data(folder: Path, n: int = 20, seed: int = 0) -> None:
+def make_data(folder: Path, n: int = 20, seed: int = 0, describe: bool = True) -> None:
+    """The 20 ring images, captioned `a COLOR sks`; with `describe`, size (they are all the world's `large`) and
+    background are named as often as the base model's captions named them (70% each): what the captions
+    explain, the adapter does not have to take into `sks` (or into every `a COLOR ...` prompt)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng, words = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     for i in range(n):
         color = PALETTE[i % len(PALETTE)]
         background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
         render_ring(color, background, rng).save(folder / f"ring{i:02d}.png")
-        (folder / f"ring{i:02d}.txt").write_text(f"{article(color)} {color} sks")
+        size = "large" if describe and words.random() < P_MENTION_SIZE else None
+        named_background = background if describe and words.random() < P_MENTION_BACKGROUND else None
+        text = format_spec(Spec("single", (color,), ("sks",), 1, None, size, named_background))
+        (folder / f"ring{i:02d}.txt").write_text(text)
 
 
 def class_caption(i: int, rng: np.random.Generator, circles: bool = True) -> str:
@@ -122,11 +130,19 @@ def make_class_data(folder: Path, n: int = 200, seed: int = 0, circles: bool = T
     draw_class_images(folder, [class_caption(i, rng, circles) for i in range(n)], seed, "class", chunk=25)
 
 
-def make_world_class_data(folder: Path, n: int = 400, seed: int = 77) -> None:
+def make_world_class_data(folder: Path, n: int = 400, seed: int = 77, omit_optional: bool = False) -> None:
     """Regularisation images rendered by the shapes world itself (held-out pairs excluded, as in training), with
-    their canonical captions; one in ten captioned empty, as the base model's caption dropout did."""
+    their canonical captions; one in ten captioned empty, as the base model's caption dropout did. With
+    `omit_optional`, size and background are each left out of the caption as often as the base model's training
+    left them out (30%): `a blue circle` is the form of the instance prompts `a blue sks`, and fully specified
+    captions alone never show it."""
     folder.mkdir(parents=True, exist_ok=True)
     images, captions = make_batch(seed, 0, n, paraphrase=False)
+    if omit_optional:
+        rng = np.random.default_rng(seed)
+        captions = [format_spec(replace(spec, size=spec.size if rng.random() < P_MENTION_SIZE else None,
+                                        background=spec.background if rng.random() < P_MENTION_BACKGROUND else None))
+                    for spec in map(parse_caption, captions)]
     for i, (image, text) in enumerate(zip(images, captions)):
         Image.fromarray(image).save(folder / f"world{i:03d}.png")
         (folder / f"world{i:03d}.txt").write_text("" if i % 10 == 9 else text)
@@ -186,6 +202,10 @@ def main() -> int:
                         help="random left-right flips (they also flip the class images' left/right captions)")
     parser.add_argument("--class-source", choices=["model", "world"], default="world",
                         help="class images drawn by the base model, or rendered by the shapes world")
+    parser.add_argument("--omit-optional-captions", dest="omit_optional", action="store_true",
+                        help="world class images' captions leave out size and background 30%% of the time each")
+    parser.add_argument("--plain-captions", dest="describe", action="store_false",
+                        help="ring images captioned `a COLOR sks` only (no size or background)")
     parser.add_argument("--circle-images", type=int, default=0,
                         help="add this many of the base model's own circles (every colour) to the class images")
     parser.add_argument("--circle-cfg", type=float, default=1.0, help="true CFG scale the circles are drawn with")
@@ -205,12 +225,13 @@ def main() -> int:
     targets = {"recipe": None, "wide": DEFAULT_TARGETS + WIDE_EXTRA, "text-side": text_side_targets()}[args.targets]
     results = {}
     if not args.eval_only:
-        make_data(data)
+        shutil.rmtree(data, ignore_errors=True)
+        make_data(data, describe=args.describe)
         shutil.rmtree(classes, ignore_errors=True)  # class images of an earlier run would join this one's
         t0 = time.perf_counter()
         if args.class_images:
             if args.class_source == "world":
-                make_world_class_data(classes, args.class_images)
+                make_world_class_data(classes, args.class_images, omit_optional=args.omit_optional)
             else:
                 make_class_data(classes, args.class_images, circles=args.circles)
         if args.circle_images:
@@ -253,7 +274,8 @@ def main() -> int:
         "batch_size": args.batch_size, "class_batch_size": args.class_batch_size, "grad_accum": args.grad_accum, "class_images": args.class_images,
         "circle_images": args.circle_images, "circle_cfg": args.circle_cfg,
         "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
-        "class_source": args.class_source, "mixed_precision": args.mixed_precision, "targets": args.targets,
+        "class_source": args.class_source, "omit_optional": args.omit_optional,
+        "describe": args.describe, "mixed_precision": args.mixed_precision, "targets": args.targets,
         "prior_loss_weight": args.prior_loss_weight, "prior_target": args.prior_target, "adapter_weight": args.adapter_weight,
     })
     (out / "results.json").write_text(json.dumps(results, indent=2))
