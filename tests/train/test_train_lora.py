@@ -133,10 +133,12 @@ def test_cli_passes_precision_and_layers(tiny_dev_dir, image_folder, tmp_path):
     out = tmp_path / "o"
     code = main(["train-lora", "--model", str(tiny_dev_dir), "--data", str(image_folder), "--instance-prompt", "a sks",
                  "--output", str(out), "--steps", "1", "--grad-accum", "1", "--resolution", "32",
-                 "--validation-every", "0", "--mixed-precision", "bf16", "--lora-layers", "attn.to_q, proj_out"])
+                 "--validation-every", "0", "--mixed-precision", "bf16", "--lora-layers", "attn.to_q, proj_out",
+                 "--logit-mean", "0.7", "--logit-std", "0.5", "--prior-target", "base_model"])
     assert code == 0
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["mixed_precision"] == "bf16" and cfg["targets"] == ["attn.to_q", "proj_out"]
+    assert (cfg["logit_mean"], cfg["logit_std"], cfg["prior_target"]) == (0.7, 0.5, "base_model")
     assert {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in _adapter(out)} == {"to_q", "proj_out"}
 
 
@@ -193,3 +195,26 @@ def test_class_batch_size_sets_the_class_half(tiny_dev_dir, image_folder, tmp_pa
     batches.clear()
     train_lora(LoraTrainConfig(output=str(tmp_path / "b"), class_batch_size=1, prior_target="base_model", **common))
     assert batches == [4, 1, 4, 1]  # the student's 3 + 1, then the base model's forward of the class image
+
+
+def test_noise_level_sampling_moves_training_and_unknown_names_fail_early(tiny_dev_dir, image_folder, tmp_path,
+                                                                          monkeypatch):
+    from fluxion.model.transformer import FluxTransformer
+    sigmas = []
+    forward = FluxTransformer.forward
+
+    def recording(self, hidden, img_ids, txt, txt_ids, timesteps, *args, **kwargs):
+        sigmas.append(timesteps.detach().clone())
+        return forward(self, hidden, img_ids, txt, txt_ids, timesteps, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer, "forward", recording)
+    common = dict(model=str(tiny_dev_dir), data=str(image_folder), instance_prompt="a sks", steps=4, grad_accum=1,
+                  batch_size=16, resolution=32, validation_every=0)
+    train_lora(LoraTrainConfig(output=str(tmp_path / "a"), **common))
+    centred = torch.cat(sigmas)
+    sigmas.clear()
+    train_lora(LoraTrainConfig(output=str(tmp_path / "b"), logit_mean=1.5, **common))
+    high = torch.cat(sigmas)
+    assert centred.median() < 0.6 < 0.7 < high.median()  # sigmoid(0) = 0.5, sigmoid(1.5) = 0.82
+    with pytest.raises(ValueError, match="timestep sampling 'cosine'"):
+        train_lora(LoraTrainConfig(output=str(tmp_path / "c"), timestep_sampling="cosine", **common))

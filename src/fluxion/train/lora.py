@@ -62,6 +62,9 @@ class LoraTrainConfig:
     class_prompt: str | None = None  # caption of class images without one; generates missing ones
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    timestep_sampling: str = "logit_normal"  # noise-level density: logit_normal, uniform (diffusers: none) or mode
+    logit_mean: float = 0.0  # > 0 trains more at high noise, where layout (size, shape, place) is decided
+    logit_std: float = 1.0
     class_batch_size: int | None = None  # class images per micro-batch; None: batch_size, as in diffusers
     prior_target: str = "images"  # "images": DreamBooth's velocity to the class images; "base_model": see above
     caption_dropout: float = 0.0  # share of samples trained on the empty prompt
@@ -130,6 +133,7 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         raise ValueError("rank, steps, batch_size, class_batch_size and grad_accum must be >= 1")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
+    sample_sigmas(1, cfg.timestep_sampling)  # an unknown name fails here, before any model loads
     if cfg.prior_target not in ("images", "base_model"):
         raise ValueError(f"prior_target must be 'images' or 'base_model', got {cfg.prior_target!r}")
     if not 0 <= cfg.caption_dropout < 1:
@@ -221,7 +225,7 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
                 txt = torch.where(drop[:, None, None], empty_embeds, txt)
                 vec = torch.where(drop[:, None], empty_pooled, vec)
             noise = torch.randn(x0.shape, generator=gen)
-            sigma = sample_sigmas(n, "logit_normal", gen)
+            sigma = sample_sigmas(n, cfg.timestep_sampling, gen, cfg.logit_mean, cfg.logit_std)
             g = torch.full((n,), cfg.guidance_scale) if transformer.config.guidance_embed else None
             x_t = interpolate(x0, noise, sigma)
             with autocast:
