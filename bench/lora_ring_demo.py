@@ -280,13 +280,7 @@ def main() -> int:
         "base_eval": base_acc,
         "eval_with_adapter": tuned_acc,
         "overall_drop_points": 100 * (base_acc["overall"] - tuned_acc["overall"]),
-        "steps": args.steps, "lr": args.lr, "rank": args.rank,
-        "batch_size": args.batch_size, "class_batch_size": args.class_batch_size, "logit_mean": args.logit_mean, "grad_accum": args.grad_accum, "class_images": args.class_images,
-        "circle_images": args.circle_images, "circle_cfg": args.circle_cfg,
-        "caption_dropout": args.caption_dropout, "random_flip": args.flip, "circle_class": args.circles,
-        "class_source": args.class_source, "omit_optional": args.omit_optional,
-        "describe": args.describe, "mixed_precision": args.mixed_precision, "targets": args.targets,
-        "prior_loss_weight": args.prior_loss_weight, "prior_target": args.prior_target, "adapter_weight": args.adapter_weight,
+        **{k: v for k, v in vars(args).items() if k not in ("out", "eval_only")},  # settings, named as the flags
     })
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

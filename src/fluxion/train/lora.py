@@ -129,7 +129,8 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     from ..pipeline import FluxPipeline
 
     pairs = read_dataset(cfg.data, cfg.instance_prompt)  # bad input fails before any model loads
-    if cfg.rank < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or (cfg.class_batch_size or 1) < 1:
+    class_batch = cfg.batch_size if cfg.class_batch_size is None else cfg.class_batch_size
+    if min(cfg.rank, cfg.steps, cfg.batch_size, class_batch, cfg.grad_accum) < 1:
         raise ValueError("rank, steps, batch_size, class_batch_size and grad_accum must be >= 1")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
@@ -174,8 +175,8 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
                                    targets=tuple(cfg.targets) if cfg.targets else DEFAULT_TARGETS,
                                    generator=torch.Generator().manual_seed(cfg.seed))
     # bf16 autocast: on CPUs with AVX-512 bf16 a training step runs 2.1x faster (fluxion-mini, batch 32:
-    # bench/lora_step_speed.py);
-    # the adapter's weights, its gradients and the optimizer stay float32, as with accelerate's bf16.
+    # bench/lora_step_speed.py); the adapter's weights, its gradients and the optimizer stay float32, as with
+    # accelerate's bf16.
     device_type = next(transformer.parameters()).device.type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
@@ -189,7 +190,6 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         step = state["step"]
         print(f"resumed {out / 'lora_checkpoint.pt'} at step {step}")
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
-    class_batch = cfg.class_batch_size or cfg.batch_size
 
     def checkpoint():
         save_atomic({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
