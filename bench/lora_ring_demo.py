@@ -217,9 +217,9 @@ def main() -> int:
     parser.add_argument("--circle-images", type=int, default=0,
                         help="add this many of the base model's own circles (every colour) to the class images")
     parser.add_argument("--circle-cfg", type=float, default=1.0, help="true CFG scale the circles are drawn with")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16",
-                        help="bf16: the transformer's matmuls in bfloat16 (2.1x faster steps here: "
-                             "bench/lora_step_speed.py)")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "auto"], default="auto",
+                        help="bf16: the transformer's matmuls in bfloat16 (2.1x faster steps on a CPU with bf16 "
+                             "units: bench/lora_step_speed.py); auto (default): bf16 only on such CPUs")
     parser.add_argument("--targets", choices=["recipe", "wide", "text-side"], default="text-side",
                         help="recipe: diffusers' DreamBooth-LoRA layers; wide: also the single blocks' MLP and "
                              "output, and every block's modulation; text-side: `text_side_targets`")

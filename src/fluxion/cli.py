@@ -26,7 +26,8 @@ def cmd_generate(args) -> int:
 
     model = args.model or str(default_model_dir())
     extra = {"quantize": args.quantize} if args.quantize else {}
-    pipe = FluxPipeline.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype), **extra)
+    pipe = FluxPipeline.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype),
+                                        compute_dtype=args.compute_dtype, **extra)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise SystemExit(f"--out must name a .png file, got {out}")
@@ -51,7 +52,9 @@ def cmd_generate(args) -> int:
     seconds = time.perf_counter() - t0
     for i, (image, params) in enumerate(zip(result.images, result.parameters)):
         path = out if n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        save_png(image, path, {**params, "seed": args.seed, "image_index": i, "dtype": args.dtype})
+        compute = str(pipe.compute_plans["transformer"].compute).replace("torch.", "")
+        save_png(image, path, {**params, "seed": args.seed, "image_index": i, "dtype": args.dtype,
+                               "compute_dtype": compute})
         print(f"wrote {path} ({image.width}x{image.height})")
     print(f"{seconds:.2f} s for {n} image{'s' if n > 1 else ''} (model loaded)")
     return 0
@@ -85,6 +88,14 @@ def cmd_quantize(args) -> int:
 def cmd_info(args) -> int:
     from .checkpoints import inspect_checkpoint
 
+    if args.system:
+        from .compute import system_report
+
+        print(system_report())
+        if args.path is None:
+            return 0
+    if args.path is None:
+        raise SystemExit("fluxion info: give a checkpoint path, or --system")
     info = inspect_checkpoint(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -164,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--max-sequence-length", type=int, default=None)
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the weights' storage dtype")
+    g.add_argument("--compute-dtype", dest="compute_dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the dtype layers compute in (auto: bf16 only on CPUs with bf16 units; fluxion.compute)")
     g.add_argument("--quantize", choices=QUANTIZE_AT_LOAD, default=None,
                    help="quantize the transformer's Linear layers while loading (less memory; see fluxion.quant)")
     g.add_argument("--out", default="out.png")
@@ -182,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("info", help="describe a checkpoint file or folder")
-    i.add_argument("path")
+    i.add_argument("path", nargs="?")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--system", action="store_true",
+                   help="describe this machine: CPU capability, bf16 units, the compute dtype chosen and why")
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
@@ -232,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of samples trained on the empty prompt (keeps true CFG's negative branch)")
     lo.add_argument("--random-flip", dest="random_flip", action="store_true", default=None,
                     help="mirror training images left-right at random")
-    lo.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16"],
+    lo.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "auto"],
                     help="bf16: the transformer's matmuls in bfloat16, the adapter float32 (about 2x faster on "
-                         "CPUs with AVX-512 bf16)")
+                         "CPUs with bf16 units, ~40x slower without); auto: bf16 only where it is fast")
     lo.add_argument("--lora-layers", dest="targets", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
                     help="comma-separated layer names to adapt (diffusers names such as attn.to_q,proj_mlp, or "
                          "original ones); default: the DreamBooth-LoRA recipe's attention and feed-forward layers")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .checkpoints import CheckpointError, load_autoencoder, load_transformer
 from .checkpoints.pages import release_pages, stream_blocks
+from .compute import DtypePlan, log_once, plan, storage_dtype, use_compute_dtype
 from .lora.pipeline_mixin import LoraMixin
 from .model.autoencoder import AutoEncoder
 from .model.text_encoders import CLIPEmbedder, T5Embedder, load_tokenizer
@@ -77,6 +78,7 @@ class FluxPipeline(LoraMixin):
         schedule: ScheduleConfig = DEV_SCHEDULE,
         defaults: PipelineDefaults | None = None,
         model_path: str | None = None,
+        compute_dtype: str | torch.dtype | None = None,
     ):
         self.transformer = transformer
         self.vae = vae
@@ -91,6 +93,7 @@ class FluxPipeline(LoraMixin):
         self._block_hooks: list = []  # CPU sequential offload: per-block page release hooks
         self._progress = {"disable": False}
         self._cache: tuple[str | None, float | None] = (None, None)  # set by enable_cache
+        self.set_compute_dtype(compute_dtype)
 
     # ------------------------------------------------------------ loading and placement
 
@@ -101,12 +104,14 @@ class FluxPipeline(LoraMixin):
         torch_dtype: torch.dtype | None = None,
         dtype: torch.dtype | None = None,
         quantize: str | None = None,
+        compute_dtype: str | torch.dtype | None = None,
         **kwargs,
     ) -> "FluxPipeline":
         """Load a diffusers-layout FLUX folder (model_index.json, transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/).
 
         With no path, the shipped fluxion-mini. Weights load in float32 unless a dtype is given (as diffusers).
         `quantize` ("int8", "w8a8", "fp8", "q8_0", "q4_0", ...) quantizes the transformer while loading.
+        `compute_dtype` ("auto", "float32", "bfloat16"): see `set_compute_dtype`.
         As in diffusers, `transformer=`, `vae=`, `text_encoder_2=` replace a part: a loaded model, or here also
         a file (e.g. `transformer="flux1-dev-Q4_0.gguf"`, `text_encoder_2="t5-v1_1-xxl-encoder-Q8_0.gguf"`).
         """
@@ -143,7 +148,7 @@ class FluxPipeline(LoraMixin):
         index = root / "model_index.json"
         extra = json.loads(index.read_text()).get("_fluxion_defaults", {}) if index.is_file() else {}
         defaults = PipelineDefaults.for_model(transformer.config.guidance_embed, **extra)
-        return cls(transformer, vae, clip, t5, schedule, defaults, str(root))
+        return cls(transformer, vae, clip, t5, schedule, defaults, str(root), compute_dtype)
 
     def components(self) -> dict[str, torch.nn.Module]:
         return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.clip.model,
@@ -156,7 +161,27 @@ class FluxPipeline(LoraMixin):
             self._device = torch.device(device)
         for m in self.components().values():
             m.to(device=self._device, dtype=dtype)
+        if dtype is not None:
+            self.set_compute_dtype(self._compute_override)
         return self
+
+    def set_compute_dtype(self, compute_dtype: str | torch.dtype | None = None) -> dict[str, DtypePlan]:
+        """Choose the dtype each part computes in; weights keep their storage dtype (`fluxion.compute`).
+
+        None / "auto": bf16 weights compute in bf16 where the CPU has bf16 units, and in float32 (upcast per
+        layer, per call) where it has not; "float32" / "bfloat16" force it ($FLUXION_COMPUTE_DTYPE too).
+        Returns the plan per part (also kept as `compute_plans`); the choice is logged once.
+        """
+        self._compute_override = compute_dtype
+        plans = {}
+        for name, module in self.components().items():
+            p = plan(storage_dtype(module), self._offload_device or self._device, compute_dtype)
+            if p.upcasts or getattr(module, "_fluxion_compute_dtype", None) is not None:
+                use_compute_dtype(module, p.compute)
+            log_once(p)
+            plans[name] = p
+        self.compute_plans = plans
+        return plans
 
     @property
     def device(self) -> torch.device:
@@ -255,7 +280,7 @@ class FluxPipeline(LoraMixin):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
         length = max_sequence_length or self.defaults.max_sequence_length
-        dtype = self.transformer.dtype
+        dtype = self.transformer.compute_dtype
         with self._placed(self.clip.model):
             pooled = self.clip(prompts).to(self.device, dtype)
         with self._placed(self.t5.model):
@@ -336,8 +361,8 @@ class FluxPipeline(LoraMixin):
                 prompt, prompt_2, num_images_per_prompt, max_sequence_length
             )
         else:
-            prompt_embeds = prompt_embeds.to(self.device, self.transformer.dtype)
-            pooled_prompt_embeds = pooled_prompt_embeds.to(self.device, self.transformer.dtype)
+            prompt_embeds = prompt_embeds.to(self.device, self.transformer.compute_dtype)
+            pooled_prompt_embeds = pooled_prompt_embeds.to(self.device, self.transformer.compute_dtype)
             txt_ids = text_ids(prompt_embeds.shape[1], self.device)
         do_true_cfg = true_cfg_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
         if do_true_cfg:
@@ -351,10 +376,10 @@ class FluxPipeline(LoraMixin):
             else:
                 neg_txt_ids = text_ids(negative_prompt_embeds.shape[1], self.device)
 
-        if latents is None:
+        if latents is None:  # drawn in the weights' dtype, as diffusers draws it: the same seed, the same noise
             noise = initial_noise(total, channels, lat_h, lat_w, generator, self.transformer.dtype, self.device)
             latents = pack(noise)
-        latents = latents.to(self.device, self.transformer.dtype)
+        latents = latents.to(self.device, self.transformer.compute_dtype)
         img_ids = image_ids(lat_h, lat_w, self.device)
         schedule = get_schedule(num_inference_steps, n_tokens, self.schedule, sigmas)
         guidance = (

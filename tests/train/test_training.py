@@ -11,7 +11,7 @@ from fluxion.train.config import TrainConfig, load_config
 from fluxion.train.run import CHECKPOINT, make_task, step_generator, train
 from fluxion.train.state import load_checkpoint
 
-TINY_AE = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 4, "norm_groups": 4}
+TINY_AE = {"ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "z_channels": 4, "norm_groups": 4}
 
 
 def ae_config(tmp_path, **kw) -> TrainConfig:

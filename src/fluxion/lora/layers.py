@@ -166,8 +166,10 @@ def _lora_hook(module: nn.Module, args, output: Tensor):
             continue
         for p in pieces:
             p._follow(x.device)
-            h = F.linear(x.to(p.A.dtype), p.A)
-            d = (F.linear(h, p.B) * (weight * p.scale)).to(out.dtype)
+            # bf16 adapters on a layer computing in float32 (a CPU without bf16 units) compute in float32 too
+            cd = torch.promote_types(p.A.dtype, out.dtype)
+            h = F.linear(x.to(cd), p.A.to(cd))
+            d = (F.linear(h, p.B.to(cd)) * (weight * p.scale)).to(out.dtype)
             # in place: the base layer's output is ours alone here, and autograd records the add
             # (gradients reach A and B even when the base weights are frozen)
             if p.rows is None:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compute import compute_dtype_of
+
 
 @dataclass
 class AutoEncoderConfig:
@@ -234,12 +236,17 @@ class AutoEncoder(nn.Module):
         return self.encoder.conv_in.weight.dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in (see `FluxTransformer.compute_dtype`)."""
+        return compute_dtype_of(self, self.dtype)
+
+    @property
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unscaled posterior mean and log-variance (clamped as the reference does)."""
-        x = x.to(self.dtype)
+        x = x.to(self.compute_dtype)
         if self.use_slicing and x.shape[0] > 1:
             h = torch.cat([self._encode(xs) for xs in x.split(1)])
         else:
@@ -258,7 +265,7 @@ class AutoEncoder(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latent -> image (nominally in [-1, 1]; not clamped, so the caller chooses)."""
-        z = z.to(self.dtype) / self.config.scale_factor + self.config.shift_factor
+        z = z.to(self.compute_dtype) / self.config.scale_factor + self.config.shift_factor
         if self.use_slicing and z.shape[0] > 1:
             return torch.cat([self._decode(zs) for zs in z.split(1)])
         return self._decode(z)

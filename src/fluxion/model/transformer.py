@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..compute import compute_dtype_of
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, position_table, timestep_embedding
 from .step_cache import StepCache
 
@@ -83,12 +84,18 @@ class FluxTransformer(nn.Module):
         return self.img_in.weight.dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in: the weights' own, or float32 over bf16 weights on a CPU without bf16
+        units (`fluxion.compute.use_compute_dtype`)."""
+        return compute_dtype_of(self, self.dtype)
+
+    @property
     def device(self) -> torch.device:
         return self.img_in.weight.device
 
     def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
         """The vector that modulates every block: time (+ guidance) + pooled text."""
-        dtype = self.dtype
+        dtype = self.compute_dtype
         vec = self.time_in(timestep_embedding(timesteps.float(), 256).to(dtype))
         if self.config.guidance_embed:
             if guidance is None:
@@ -156,11 +163,11 @@ class FluxTransformer(nn.Module):
             guidance = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
         vec, mods = self.step_conditioning(timesteps, y, guidance, cache)
         mods = mods or [None] * (len(self.double_blocks) + len(self.single_blocks) + 1)
-        img = self.img_in(img.to(self.dtype))
+        img = self.img_in(img.to(self.compute_dtype))
 
         def text_and_positions():
             pe = position_table(join_ids(txt_ids, img_ids, batch), self.config.axes_dim, self.config.theta)
-            return self.txt_in(txt.to(self.dtype)), pe
+            return self.txt_in(txt.to(self.compute_dtype)), pe
 
         txt, pe = cache.text_and_positions(txt, txt_ids, img_ids, text_and_positions) if cache else text_and_positions()
 

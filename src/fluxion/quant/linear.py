@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import compute
 from . import ggml
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        if self.qtype == "w8a8" and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+        if (self.qtype == "w8a8" and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+                and compute.cpu_info().exact_int8_matmul):  # without VNNI torch._int_mm saturates: weight-only instead
             return _w8a8(x, self.qdata, self.scale, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 

@@ -21,7 +21,7 @@ class TrainConfig:
     decay_steps: int = 0  # linear decay to 0 over the last N steps (warmup-stable-decay); 0 keeps lr constant
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 disables EMA
-    bf16: bool = True  # bf16 autocast (fast on CPUs with AVX-512 bf16)
+    bf16: bool | str = "auto"  # bf16 autocast: "auto" where bf16 is fast (CUDA, CPUs with bf16 units), or true / false
     checkpoint_every: int = 200
     sample_every: int = 500
     log_every: int = 10
@@ -57,6 +57,8 @@ class TrainConfig:
             raise ValueError("decoder_only needs vae_init: the trained autoencoder whose decoder to go on training")
         if self.kind == "flux" and not self.vae_path:
             raise ValueError("a flux config needs vae_path: the trained autoencoder to encode images with")
+        if not (self.bf16 in (True, False) or isinstance(self.bf16, str) and self.bf16.lower() == "auto"):
+            raise ValueError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         self.betas = tuple(self.betas)
         self.lr = float(self.lr)
         self.kl_weight = float(self.kl_weight)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..compute import resolve_bf16_autocast
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
 from ..sampling import image_ids, latent_grid, pack, text_ids
 from .autoencoder import grid
@@ -69,7 +70,8 @@ class LoraTrainConfig:
     prior_target: str = "images"  # "images": DreamBooth's velocity to the class images; "base_model": see above
     caption_dropout: float = 0.0  # share of samples trained on the empty prompt
     random_flip: bool = False  # mirror images left-right at random (diffusers' --random_flip)
-    mixed_precision: str = "no"  # "bf16": the transformer's matmuls in bfloat16, adapter weights kept float32
+    mixed_precision: str = "no"  # "bf16": the transformer's matmuls in bfloat16, adapter weights kept float32;
+    # "auto": bf16 where the CPU has bf16 units (or on CUDA), float32 elsewhere (fluxion.compute)
     targets: tuple[str, ...] | None = None  # layer-name patterns (diffusers' --lora_layers); None: the recipe's
 
 
@@ -132,8 +134,8 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     class_batch = cfg.batch_size if cfg.class_batch_size is None else cfg.class_batch_size
     if min(cfg.rank, cfg.steps, cfg.batch_size, class_batch, cfg.grad_accum) < 1:
         raise ValueError("rank, steps, batch_size, class_batch_size and grad_accum must be >= 1")
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
+    if cfg.mixed_precision not in ("no", "bf16", "auto"):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'auto', got {cfg.mixed_precision!r}")
     sample_sigmas(1, cfg.timestep_sampling)  # an unknown name fails here, before any model loads
     if cfg.prior_target not in ("images", "base_model"):
         raise ValueError(f"prior_target must be 'images' or 'base_model', got {cfg.prior_target!r}")
@@ -174,11 +176,13 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     params = add_trainable_adapter(transformer, ADAPTER, rank=cfg.rank, alpha=cfg.alpha,
                                    targets=tuple(cfg.targets) if cfg.targets else DEFAULT_TARGETS,
                                    generator=torch.Generator().manual_seed(cfg.seed))
-    # bf16 autocast: on CPUs with AVX-512 bf16 a training step runs 2.1x faster (fluxion-mini, batch 32:
+    # bf16 autocast: on CPUs with bf16 units a training step runs 2.1x faster (fluxion-mini, batch 32:
     # bench/lora_step_speed.py); the adapter's weights, its gradients and the optimizer stay float32, as with
     # accelerate's bf16.
     device_type = next(transformer.parameters()).device.type
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    bf16 = cfg.mixed_precision != "no" and resolve_bf16_autocast(
+        "auto" if cfg.mixed_precision == "auto" else True, device_type)
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     step = 0
     state = load_checkpoint(out / "lora_checkpoint.pt") if resume else None

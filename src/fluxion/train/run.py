@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..compute import resolve_bf16_autocast
 from ..files import atomic_path
 from .config import TrainConfig
 from .state import EMA, load_checkpoint, save_atomic
@@ -123,7 +124,8 @@ def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = Non
         return {"step": step, "finished": step >= cfg.steps, "loss": history[-1][1] if history else None}
 
     device_type = torch.device(cfg.device).type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+    bf16 = resolve_bf16_autocast(cfg.bf16, cfg.device)
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", unit="step", dynamic_ncols=True)
     running = []
