@@ -10,6 +10,10 @@ Sections:
          weights, 512x512 (1024 image + 512 text tokens): one transformer step each, and the floor that
          this machine's measured bf16 matmul rate allows.
   cache  fluxion-mini at 28 steps: fbcache thresholds against uncached (s/image, speed-up, PSNR, steps run).
+  dtypes fluxion-mini at batch 1 with torch_dtype bf16 and float32, fluxion and diffusers, alternating: what
+         bf16 weights cost on this CPU (on one without bf16 units fluxion computes them in float32; see
+         fluxion.compute). Run it on an AVX2-only CPU, or as one with
+         `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/speed.py --sections dtypes`.
 Writes the tables to bench/out/speed.md. diffusers is the peer only here; fluxion never imports it.
 """
 from __future__ import annotations
@@ -90,6 +94,33 @@ def section_mini(threads: int, repeats: int) -> str:
               "speed-up"]
     return "### fluxion-mini, 128×128, 28 steps, true CFG 3 (end to end: text, sampling, decode)\n\n" + \
         markdown_table(header, rows)
+
+
+def section_dtypes(repeats: int) -> str:
+    from fluxion import compute
+
+    info = compute.cpu_info()
+    pipes = {(k, d): load(k, d) for k in ("fluxion", "diffusers") for d in (torch.bfloat16, torch.float32)}
+    seconds = {key: [] for key in pipes}
+    for key, pipe in pipes.items():
+        one_image(pipe)  # warm-up
+    for _ in range(repeats):  # alternate, so drift in machine load hits every row alike
+        for key, pipe in pipes.items():
+            t0 = time.perf_counter()
+            one_image(pipe)
+            seconds[key].append(time.perf_counter() - t0)
+    t = {key: float(np.median(v)) for key, v in seconds.items()}
+    f_bf16, f_f32 = t[("fluxion", torch.bfloat16)], t[("fluxion", torch.float32)]
+    d_bf16, d_f32 = t[("diffusers", torch.bfloat16)], t[("diffusers", torch.float32)]
+    plan = compute.plan(torch.bfloat16)
+    rows = [["fluxion", f"{1000 * f_bf16:.1f}", f"{1000 * f_f32:.1f}", f"**{f_bf16 / f_f32:.2f}**", "1.00"],
+            ["diffusers", f"{1000 * d_bf16:.1f}", f"{1000 * d_f32:.1f}", f"{d_bf16 / d_f32:.2f}",
+             f"**{d_bf16 / f_bf16:.1f}×** slower"]]
+    return (f"### torch_dtype bf16 vs float32, fluxion-mini 128×128, batch 1, 28 steps, true CFG 3\n\n"
+            f"CPU: {info.model}, torch capability {info.torch_capability}, oneDNN cap "
+            f"{info.onednn_max_isa or 'none'}; fluxion: {plan.describe()}. Median of {repeats}.\n\n"
+            + markdown_table(["", "bf16 ms/image", "float32 ms/image", "bf16 / float32", "bf16 vs fluxion bf16"],
+                             rows))
 
 
 def real_width_models(depth=2, single=2):
@@ -209,10 +240,12 @@ def main():
             parts.append(section_mini(args.threads, args.repeats))
         elif section == "real":
             parts.append(section_real(max(3, args.repeats // 2)))
+        elif section == "dtypes":
+            parts.append(section_dtypes(max(3, args.repeats)))
         elif section == "cache":
             parts.append(section_cache([float(x) for x in args.thresholds.split(",")], args.cache_prompts))
         else:
-            raise SystemExit(f"unknown section {section!r}; known: mini, real, cache")
+            raise SystemExit(f"unknown section {section!r}; known: mini, real, cache, dtypes")
         print(parts[-1], f"\n({time.time() - t0:.0f} s)\n", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "speed.md").write_text("\n\n".join(parts) + "\n")

@@ -12,7 +12,7 @@ What it does:
   shared with realsize.py): the transformer (real widths, --depth double + --single single blocks, random weights)
   as Q8_0 and Q4_0 GGUF in the community (city96) layout -- original BFL names, no prefix, modulations quantized,
   embedders and final layer bf16, 1-D tensors F32; the T5-XXL encoder as a Q8_0 GGUF in llama.cpp names
-  (`enc.blk.N.attn_q.weight`, ...); CLIP-L as transformers' `model.safetensors` (`text_model.*`, bf16); the FLUX VAE
+  (`enc.blk.N.attn_q.weight`, ...); CLIP-L as transformers' folder (model.safetensors, bf16); the FLUX VAE
   in the original `ae.safetensors` layout (`encoder.down.0.block.0...`, bf16). stable-diffusion.cpp reads all of
   them as written: --diffusion-model prefixes `model.diffusion_model.` when a name lacks it and counts
   double_blocks / single_blocks from the names (so a reduced file loads), --t5xxl maps llama.cpp's names to
@@ -48,6 +48,12 @@ Caveats:
   into its own buffers; its figure is its "loading tensors completed" log line), and the files are in the page
   cache (just written) for both. Weights are random, so both images are noise; the numbers say nothing of quality.
 * sd.cpp was built with GGML_NATIVE (this CPU's ISA); fluxion runs PyTorch's stock CPU kernels.
+* The VAE file is bf16 (realsize.py writes it so; BFL's ae.safetensors is float32). sd.cpp holds the decoder in
+  its own type whatever the file's (94.6 MB of params from the bf16 and from a float32 copy alike, and the same
+  ~125 s decode at 1 thread), so its decode time does not come from our file type.
+* sd.cpp's stock build has ggml's GGML_LLAMAFILE (tinyBLAS matmul kernels) off; this script builds it that way.
+* Tokenizers differ (fluxion: fluxion-mini's small ones; sd.cpp: its built-in CLIP BPE and T5 unigram), which
+  changes no cost: CLIP always runs 77 positions and T5 256 in both.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -284,7 +291,7 @@ def ratio(a, b) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}"
 
 
-def report(args, files, pairs, block_share: float, exe: Path) -> tuple[str, dict]:
+def report(args, sizes: dict[str, int], pairs, block_share: float, exe: Path) -> tuple[str, dict]:
     import torch
 
     from fluxion.eval.speed import markdown_table
@@ -297,7 +304,7 @@ def report(args, files, pairs, block_share: float, exe: Path) -> tuple[str, dict
         fx_step, sd_step = statistics.mean(fx["step_s"]), statistics.mean(sd["step_s"]) if sd["step_s"] else None
         fx_sampling = sum(fx["step_s"])
         fx_text = fx["clip_s"] + fx["t5_s"]
-        size = files[f"transformer-{q}"][1]["bytes"]
+        size = sizes[q]
         rows.append([q.upper(), "fluxion", f"{size / GB:.2f}", fmt(fx["load_s"]), fmt(fx_text), fmt(fx_step),
                      fmt(fx["step_s"][0]), fmt(fx_sampling), fmt(fx["decode_s"]), fmt(fx["total_s"]),
                      fmt(fx["wall_s"], ".1f"), fmt(fx["peak_rss"] / GB)])
@@ -311,7 +318,7 @@ def report(args, files, pairs, block_share: float, exe: Path) -> tuple[str, dict
                       ratio(fx["total_s"], sd["total_s"]) if same_t5 else "- (T5 differs)",
                       ratio(fx_gen_notext, sd_gen_notext), ratio(fx["peak_rss"], sd["peak_rss"]), fmt(floor),
                       ratio(fx_step, floor), ratio(sd_step, floor)])
-        out.append({"type": q, "fluxion": fx, "sdcpp": sd, "floor_s_per_step": floor,
+        out.append({"type": q, "transformer_bytes": size, "fluxion": fx, "sdcpp": sd, "floor_s_per_step": floor,
                     "ratio_step": None if not sd_step else fx_step / sd_step,
                     "ratio_generate_without_text": None if not sd_gen_notext else fx_gen_notext / sd_gen_notext,
                     "ratio_peak_rss": fx["peak_rss"] / sd["peak_rss"] if sd["peak_rss"] else None})
@@ -319,10 +326,12 @@ def report(args, files, pairs, block_share: float, exe: Path) -> tuple[str, dict
                f"T5-XXL {args.t5_layers} layers in fluxion; sd.cpp without T5 (its T5 is fixed at 24 layers), a zero "
                "256×4096 context")
     lines = [
-        f"`bench/vs_sdcpp.py {' '.join(sys.argv[1:])}`: {args.threads} thread(s) in both engines, "
-        f"{time.strftime('%Y-%m-%d')}; CPU: {cpu_line()}",
+        f"`bench/vs_sdcpp.py {' '.join(args.argv)}`: {args.threads} thread(s) in both engines, "
+        f"{args.date}; CPU: {args.cpu}",
         f"fluxion: torch {torch.__version__}, memory mode `{args.offload}`; sd.cpp: stable-diffusion.cpp vendored in "
         f"{SDCPP_PYPI} {SDCPP_VERSION} (ggml CPU, GGML_NATIVE), `{exe}`",
+        "",
+        "sd-cli command (" + pairs[0][1]["type"] + "): `" + " ".join(shlex.quote(a) for a in pairs[0][1]["cmd"]) + "`",
         "",
         f"### FLUX.1-schnell at real widths, {args.depth} double + {args.single} single blocks (the real model: "
         f"19 + 38); {t5_note}; 512×512, 4 steps, batch 1, cfg 1, 256 text positions",
@@ -345,8 +354,9 @@ def report(args, files, pairs, block_share: float, exe: Path) -> tuple[str, dict
         f"which are {100 * block_share:.1f}% of this file's step FLOPs, so the step ratio is the per-block ratio. "
         "Weights are random: the images are noise.",
     ]
-    data = {"argv": sys.argv[1:], "threads": args.threads, "depth": args.depth, "single": args.single,
-            "t5_layers": args.t5_layers, "same_t5": same_t5, "offload": args.offload, "cpu": cpu_line(),
+    data = {"argv": args.argv, "date": args.date, "cache_dir": args.cache_dir, "threads": args.threads,
+            "depth": args.depth, "single": args.single,
+            "t5_layers": args.t5_layers, "same_t5": same_t5, "offload": args.offload, "cpu": args.cpu,
             "torch": torch.__version__, "sdcpp": f"{SDCPP_PYPI} {SDCPP_VERSION}", "sd_cli": str(exe),
             "block_flop_share": block_share, "results": out}
     return "\n".join(lines), data
@@ -388,8 +398,13 @@ def main() -> None:
     p.add_argument("--sd-args", dest="sd_args", default="", help="extra sd-cli arguments (e.g. '--fa'), one string")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "vs_sdcpp.md"))
+    p.add_argument("--from-json", dest="from_json", help="only re-render the markdown of a saved JSON (no runs)")
     args = p.parse_args()
     args.types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    args.argv, args.date, args.cpu = sys.argv[1:], time.strftime("%Y-%m-%d"), cpu_line()
+    if args.from_json:
+        rerender(Path(args.from_json), Path(args.out))
+        return
 
     exe = Path(args.sd_cli) if args.sd_cli else build_sd_cli(args.build_jobs)
     if not (exe.is_file() and os.access(exe, os.X_OK)):
@@ -422,12 +437,30 @@ def main() -> None:
         step = statistics.mean(sd["step_s"]) if sd["step_s"] else float("nan")
         print(f"  {step:.2f} s/step, peak RSS {sd['peak_rss'] / GB:.2f} GB", file=sys.stderr)
         pairs.append((fx, sd))
-    text, data = report(args, files, pairs, block_flop_share(args.depth, args.single), exe)
+    sizes = {q: files[f"transformer-{q}"][1]["bytes"] for q in args.types}
+    text, data = report(args, sizes, pairs, block_flop_share(args.depth, args.single), exe)
+    write_outputs(text, data, Path(args.out))
+
+
+def write_outputs(text: str, data: dict, out: Path) -> None:
     print(text)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+def rerender(path: Path, out: Path) -> None:
+    """The markdown (and JSON) of a run saved as JSON, by the current report code."""
+    data = json.loads(path.read_text())
+    args = argparse.Namespace(argv=data["argv"], threads=data["threads"], depth=data["depth"], single=data["single"],
+                              t5_layers=data["t5_layers"], offload=data["offload"],
+                              cache_dir=data.get("cache_dir", "/tmp/fluxion-realsize"), date=data.get("date", "?"),
+                              cpu=data["cpu"])
+    pairs = [(r["fluxion"], r["sdcpp"]) for r in data["results"]]
+    sizes = {r["type"]: r.get("transformer_bytes") or Path(r["sdcpp"]["cmd"][r["sdcpp"]["cmd"].index(
+        "--diffusion-model") + 1]).stat().st_size for r in data["results"]}
+    text, new = report(args, sizes, pairs, block_flop_share(args.depth, args.single), Path(data["sd_cli"]))
+    write_outputs(text, new, out)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,23 @@ outliers, as large transformers' activations do: with 8 of 12288 input channels 
 was 13% with W8A8 vs 1.0% weight-only (relative_error_vs_bf16 at 3072x3072, 8 channels 20x: 6.0% vs 0.9%).
 So "int8" stays weight-only and the faster kernel is opt-in as "w8a8".
 
+How the product is computed (`bench/quant_matmul.py`, one thread, 1280 tokens = a 512x512 image, FLUX.1's
+3072->12288 and 12288->3072 layers, on both kinds of CPU): on a CPU, weights are dequantized 512 output rows at
+a time and each tile multiplied at once (`fluxion.quant.kernels.chunked_linear`). Against the floor (the same
+matmul on weights already in the compute dtype) that runs at 1.02-1.10x in float32 (AVX2-only CPU) and about
+1.05-1.2x in bf16 (AVX-512 bf16), close to dequantizing the whole weight first but without its float copy
+(151 MB for one float32 12288x3072 layer). Rejected: torch's packed CPU kernels, into which Q4_0/Q4_1 map exactly
+(`_weight_int4pack_mm_for_cpu`: w = (q - 8) * scale + zero per 32-group) and int8 too (`_weight_int8pack_mm`):
+at FLUX's token counts they ran 2.5-3.5x slower than the floor in bf16 and 60x slower in float32 (a scalar
+path); they win only for a handful of tokens (16 tokens, bf16: 3.7 ms against 37 ms), which FLUX never has.
+Dequantization itself converts the small integers to the compute dtype first and scales in place: twice as
+fast as the mixed-dtype product, with identical values.
+
 Only the weight is quantized; the bias stays a float parameter. `layer.weight` is a `QuantizedWeight` (shape,
 dtype, device and `dequantize()`, but not a tensor), so code that would write into a float weight, such as
 fusing a LoRA, refuses clearly; LoRA adapters themselves work (they are forward hooks on the layer).
-The weight is dequantized into the input's dtype at every call (nothing is cached: memory is the point);
+The weight is dequantized into the input's dtype at every call (nothing is cached: memory is the point; with
+gradients on, in one piece, since autograd would keep every tile anyway);
 `module.to(dtype)` changes that compute dtype and the bias, and also rounds int8/fp8 scales to `dtype`
 (a 2^-9 relative change in bf16, far under the quantization error; GGML scales live inside the blocks).
 """
@@ -32,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import compute
-from . import ggml
+from . import ggml, kernels
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +205,15 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        dtype = dtype or self.dtype
-        if self.qtype in ("int8", "w8a8"):
-            return self.qdata * self.scale.to(dtype)[:, None]  # int8 * float -> float, one pass
-        if self.qtype in FP8:
-            return self.qdata.view(FP8[self.qtype]).to(dtype).mul_(self.scale.to(dtype))
-        return ggml.dequantize(self.qdata, self.qtype, (self.out_features, self.in_features), dtype)
+        return kernels.dequantize_rows(self.qdata, self.qtype, self.scale, self.in_features, dtype or self.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if (self.qtype == "w8a8" and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
                 and compute.cpu_info().exact_int8_matmul):  # without VNNI torch._int_mm saturates: weight-only instead
             return _w8a8(x, self.qdata, self.scale, bias)
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            return kernels.chunked_linear(x, self.qdata, self.qtype, self.scale, self.out_features, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
