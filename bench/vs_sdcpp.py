@@ -51,7 +51,9 @@ Caveats:
 * The VAE file is bf16 (realsize.py writes it so; BFL's ae.safetensors is float32). sd.cpp holds the decoder in
   its own type whatever the file's (94.6 MB of params from the bf16 and from a float32 copy alike, and the same
   ~125 s decode at 1 thread), so its decode time does not come from our file type.
-* sd.cpp's stock build has ggml's GGML_LLAMAFILE (tinyBLAS matmul kernels) off; this script builds it that way.
+* sd.cpp's stock build has ggml's GGML_LLAMAFILE (tinyBLAS matmul kernels) off, and this script builds it so;
+  --llamafile builds and runs one with it on (a second ~20-35 min build), which made sd.cpp's steps ~1.8x faster
+  here. The header of the report gives the build's options.
 * Tokenizers differ (fluxion: fluxion-mini's small ones; sd.cpp: its built-in CLIP BPE and T5 unigram), which
   changes no cost: CLIP always runs 77 positions and T5 256 in both.
 """
@@ -93,29 +95,34 @@ def sdcpp_source(base: Path) -> Path:
     return base / f"stable_diffusion_cpp_python-{SDCPP_VERSION}" / "vendor" / "stable-diffusion.cpp"
 
 
-def find_sd_cli(src: Path) -> Path | None:
-    for p in (src / "build" / "bin" / "sd-cli", src / "build" / "examples" / "cli" / "sd-cli"):
+def find_sd_cli(build: Path) -> Path | None:
+    for p in (build / "bin" / "sd-cli", build / "examples" / "cli" / "sd-cli"):
         if p.is_file() and os.access(p, os.X_OK):
             return p
     return None
 
 
-def build_sd_cli(jobs: int) -> Path:
-    """sd-cli from stable-diffusion-cpp-python's sdist (it vendors stable-diffusion.cpp), built once in the cache."""
+def build_sd_cli(jobs: int, llamafile: bool = False) -> Path:
+    """sd-cli from stable-diffusion-cpp-python's sdist (it vendors stable-diffusion.cpp), built once in the cache.
+
+    The stock build (ggml's defaults: GGML_LLAMAFILE off) in build/; with `llamafile`, GGML_LLAMAFILE=ON (ggml's
+    tinyBLAS matmul kernels, which llama.cpp turns on by default) in build-llamafile/.
+    """
     base = cache_root() / "sdcpp"
     src = sdcpp_source(base)
-    exe = find_sd_cli(src)
+    build = src / ("build-llamafile" if llamafile else "build")
+    exe = find_sd_cli(build)
     if exe is not None:
         return exe
     base.mkdir(parents=True, exist_ok=True)
-    log = base / "build.log"
+    log = base / f"{build.name}.log"
     print(f"building stable-diffusion.cpp's sd-cli ({SDCPP_PYPI}=={SDCPP_VERSION}) into {base}: this takes about "
           f"35 minutes on one core (nice -n 19, -j{jobs}); log: {log}", file=sys.stderr, flush=True)
     if not (src / "CMakeLists.txt").exists():
         dl = base / "dl"
         sdists = sorted(dl.glob(f"stable_diffusion_cpp_python-{SDCPP_VERSION}.tar.gz"))
         if not sdists:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
                             f"{SDCPP_PYPI}=={SDCPP_VERSION}", "-d", str(dl)], check=True)
             sdists = sorted(dl.glob("stable_diffusion_cpp_python-*.tar.gz"))
         if not sdists:
@@ -127,17 +134,28 @@ def build_sd_cli(jobs: int) -> Path:
                 tf.extractall(base)
     nice = ["nice", "-n", "19"]
     with open(log, "a") as f:
-        for cmd in (["cmake", "-S", str(src), "-B", str(src / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                     "-DSD_BUILD_EXAMPLES=ON", "-DSD_WEBP=OFF", "-DSD_WEBM=OFF", "-DGGML_NATIVE=ON"],
-                    ["cmake", "--build", str(src / "build"), "--target", "sd-cli", f"-j{jobs}"]):
+        for cmd in (["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                     "-DSD_BUILD_EXAMPLES=ON", "-DSD_WEBP=OFF", "-DSD_WEBM=OFF", "-DGGML_NATIVE=ON"]
+                    + (["-DGGML_LLAMAFILE=ON"] if llamafile else []),
+                    ["cmake", "--build", str(build), "--target", "sd-cli", f"-j{jobs}"]):
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
             if subprocess.run(nice + cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
                 raise SystemExit(f"building sd-cli failed; see {log}")
-    exe = find_sd_cli(src)
+    exe = find_sd_cli(build)
     if exe is None:
-        raise SystemExit(f"the build finished but no sd-cli under {src / 'build'}")
+        raise SystemExit(f"the build finished but no sd-cli under {build}")
     return exe
+
+
+def build_flags(exe: Path) -> str:
+    """The ggml options sd-cli was built with, from the CMakeCache.txt of its build folder (if it is there)."""
+    for cache in (exe.parent.parent / "CMakeCache.txt", exe.parent.parent.parent.parent / "CMakeCache.txt"):
+        if cache.is_file():
+            found = dict(re.findall(r"^(GGML_NATIVE|GGML_LLAMAFILE|GGML_OPENMP|CMAKE_BUILD_TYPE):\w+=(\S*)$",
+                                    cache.read_text(), re.M))
+            return ", ".join(f"{k}={v}" for k, v in sorted(found.items()))
+    return "build options unknown"
 
 
 def sdcpp_clip(files: dict, cache) -> Path:
@@ -329,7 +347,7 @@ def report(args, sizes: dict[str, int], pairs, block_share: float, exe: Path) ->
         f"`bench/vs_sdcpp.py {' '.join(args.argv)}`: {args.threads} thread(s) in both engines, "
         f"{args.date}; CPU: {args.cpu}",
         f"fluxion: torch {torch.__version__}, memory mode `{args.offload}`; sd.cpp: stable-diffusion.cpp vendored in "
-        f"{SDCPP_PYPI} {SDCPP_VERSION} (ggml CPU, GGML_NATIVE), `{exe}`",
+        f"{SDCPP_PYPI} {SDCPP_VERSION} (ggml CPU backend; {args.sd_build}), `{exe}`",
         "",
         "sd-cli command (" + pairs[0][1]["type"] + "): `" + " ".join(shlex.quote(a) for a in pairs[0][1]["cmd"]) + "`",
         "",
@@ -358,6 +376,7 @@ def report(args, sizes: dict[str, int], pairs, block_share: float, exe: Path) ->
             "depth": args.depth, "single": args.single,
             "t5_layers": args.t5_layers, "same_t5": same_t5, "offload": args.offload, "cpu": args.cpu,
             "torch": torch.__version__, "sdcpp": f"{SDCPP_PYPI} {SDCPP_VERSION}", "sd_cli": str(exe),
+            "sd_build": args.sd_build,
             "block_flop_share": block_share, "results": out}
     return "\n".join(lines), data
 
@@ -395,6 +414,8 @@ def main() -> None:
                         "frees each part's weights after use)")
     p.add_argument("--sd-cli", dest="sd_cli", help="path to a built sd-cli (default: build it into the cache once)")
     p.add_argument("--build-jobs", dest="build_jobs", type=int, default=1)
+    p.add_argument("--llamafile", action="store_true",
+                   help="build / use sd-cli with GGML_LLAMAFILE=ON (ggml's tinyBLAS kernels; off in the stock build)")
     p.add_argument("--sd-args", dest="sd_args", default="", help="extra sd-cli arguments (e.g. '--fa'), one string")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "vs_sdcpp.md"))
@@ -406,9 +427,10 @@ def main() -> None:
         rerender(Path(args.from_json), Path(args.out))
         return
 
-    exe = Path(args.sd_cli) if args.sd_cli else build_sd_cli(args.build_jobs)
+    exe = Path(args.sd_cli) if args.sd_cli else build_sd_cli(args.build_jobs, args.llamafile)
     if not (exe.is_file() and os.access(exe, os.X_OK)):
         raise SystemExit(f"{exe}: no executable sd-cli there")
+    args.sd_build = build_flags(exe)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
@@ -455,7 +477,7 @@ def rerender(path: Path, out: Path) -> None:
     args = argparse.Namespace(argv=data["argv"], threads=data["threads"], depth=data["depth"], single=data["single"],
                               t5_layers=data["t5_layers"], offload=data["offload"],
                               cache_dir=data.get("cache_dir", "/tmp/fluxion-realsize"), date=data.get("date", "?"),
-                              cpu=data["cpu"])
+                              cpu=data["cpu"], sd_build=data.get("sd_build") or build_flags(Path(data["sd_cli"])))
     pairs = [(r["fluxion"], r["sdcpp"]) for r in data["results"]]
     sizes = {r["type"]: r.get("transformer_bytes") or Path(r["sdcpp"]["cmd"][r["sdcpp"]["cmd"].index(
         "--diffusion-model") + 1]).stat().st_size for r in data["results"]}
