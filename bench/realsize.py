@@ -34,7 +34,8 @@ through memory); both rows are reported.
 Reported per run: file sizes (transformer + T5), peak RSS of the child (VmHWM, which unlike ru_maxrss does not
 carry over the parent's peak), peak RSS per phase (sampled every 20 ms), load seconds, T5 encode seconds,
 seconds per step (step-end callback timestamps; the first step separately), VAE decode seconds, and the floor
-flux_step_flops(config, 1024, 256) / bf16_matmul_rate() measured in the same child. Plus a table of
+flux_step_flops(config, 1024, 256) / floor_matmul_rate() (bf16, or float32 on a CPU without bf16
+units) measured in the same child. Plus a table of
 relative_error_vs_bf16 of each weight type on real-width layers. The markdown goes to stdout and to --out
 (default bench/out/realsize.md). A run with fewer blocks than the real model also prints an estimate of the
 full run (per-block times x 57, T5 layer time x 24, measured write rates x full sizes).
@@ -293,14 +294,14 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from fluxion.checkpoints import load_autoencoder, load_transformer
-    from fluxion.eval.speed import bf16_matmul_rate, flux_step_flops, peak_rss_bytes
+    from fluxion.eval.speed import floor_matmul_rate, flux_step_flops, peak_rss_bytes
     from fluxion.model.text_encoders import CLIPEmbedder, T5Embedder
     from fluxion.pipeline import FluxPipeline
     from fluxion.png import save_png
     from fluxion.sampling import SCHNELL_SCHEDULE
 
     mon = RssMonitor()
-    rate = bf16_matmul_rate()  # before loading: the floor's rate, on the same threads
+    rate = floor_matmul_rate()  # before loading: the floor's rate, on the same threads
     mon.enter("load")
     t0 = time.perf_counter()
     transformer = load_transformer(spec["transformer"], torch.bfloat16)
@@ -444,7 +445,8 @@ def report(args, files: dict, results: list[dict], errors, est: str | None) -> s
                         "total s"], rows),
         "",
         "Peak RSS: VmHWM of the generating subprocess (whole pipeline: load, CLIP + T5, 4 steps, VAE decode); "
-        "GB = 10^9 bytes. Floor: flux_step_flops(config, 1024, 256) / bf16_matmul_rate() of the same process. "
+        "GB = 10^9 bytes. Floor: flux_step_flops(config, 1024, 256) / floor_matmul_rate() "
+        "(the compute dtype's) of the same process. "
         "s/step: mean of the 4 steps (step-end callback stamps; the first counted from the transformer's first "
         "call). Weights are random (N(0, 0.02²)), so the images are noise; they are in "
         f"{args.cache_dir}.",

@@ -31,7 +31,7 @@ sd.cpp: the arrival times of its progress lines, which it flushes after every st
 line's own average), seconds of text encoding, sampling, VAE decode and the whole generation, the process's
 wall time, peak RSS of each engine process (fluxion: its own VmHWM at the end; sd-cli: its VmHWM polled every
 10 ms from /proc while it runs), the ratio fluxion / sd.cpp per weight type, and the bf16 matmul floor of the
-transformer step (flux_step_flops(config, 1024, 256) / bf16_matmul_rate() in the fluxion subprocess, same threads).
+transformer step (flux_step_flops(config, 1024, 256) / floor_matmul_rate() in the fluxion subprocess, same threads).
 Markdown to stdout and bench/out/vs_sdcpp.md, the numbers as JSON next to it; sd-cli's logs and both images go to
 --cache-dir.
 
@@ -368,7 +368,7 @@ def report(args, sizes: dict[str, int], pairs, block_share: float, exe: Path) ->
         "(fluxion's includes importing torch and measuring the matmul rate). Load: fluxion maps the files, sd.cpp "
         "reads them into its buffers (its `loading tensors completed` line). Peak RSS: VmHWM of each engine's "
         "process (sd-cli's polled every 10 ms), GB = 10^9 bytes. Floor: flux_step_flops(config, 1024, 256) / "
-        "bf16_matmul_rate() in the fluxion process, same threads; it counts the blocks' linears and attention, "
+        "floor_matmul_rate() (the compute dtype's rate) in the fluxion process, same threads; it counts the blocks' linears and attention, "
         f"which are {100 * block_share:.1f}% of this file's step FLOPs, so the step ratio is the per-block ratio. "
         "Weights are random: the images are noise.",
     ]

@@ -72,10 +72,19 @@ def step_seconds(pipe, prompt, **call) -> float:
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
-def bf16_matmul_rate(m: int = 1536, k: int = 3072, n: int = 12288, repeats: int = 3) -> float:
-    """FLOP/s of one large bf16 linear layer on this machine: the rate a FLUX step cannot beat."""
-    x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+def bf16_matmul_rate(m: int = 1536, k: int = 3072, n: int = 12288, repeats: int = 3,
+                     dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of one large linear layer in `dtype` on this machine."""
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     return 2 * m * k * n / median_seconds(lambda: F.linear(x, w), repeats)
+
+
+def floor_matmul_rate(**kwargs) -> float:
+    """The rate a FLUX step on bf16 (or quantized) weights cannot beat here: a large linear layer in the dtype
+    such weights compute in on this CPU (bf16 with bf16 units, float32 without: `fluxion.compute`)."""
+    from ..compute import plan
+
+    return bf16_matmul_rate(dtype=plan(torch.bfloat16).compute, **kwargs)
 
 
 def flux_step_flops(config: FluxConfig, img_tokens: int, txt_tokens: int, batch: int = 1) -> float:
