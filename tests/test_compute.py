@@ -34,15 +34,24 @@ def test_probe_follows_the_environment_overrides(monkeypatch):
     native = compute.cpu_info()
     assert native.fast(torch.bfloat16)[0] == (native.bf16_units and native.torch_capability.startswith("AVX512"))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    fast, why = compute.cpu_info().fast(torch.bfloat16)
-    assert not fast and ("ONEDNN_MAX_CPU_ISA" in why or "no bfloat16 units" in why)
+    assert compute.cpu_info().onednn_max_isa == "AVX2" and not compute.cpu_info().fast(torch.bfloat16)[0]
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    fast, why = compute.cpu_info().fast(torch.bfloat16)
-    assert not fast and ("ATEN_CPU_CAPABILITY" in why or "no bfloat16 units" in why)
+    assert compute.cpu_info().torch_capability == "AVX2" and not compute.cpu_info().fast(torch.bfloat16)[0]
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     assert not compute.cpu_info().fast(torch.bfloat16)[0]
     assert not compute.cpu_info().exact_int8_matmul
+    # each gate on its own, on a CPU that has the units
+    fast, why = AVX512_BF16.fast(torch.bfloat16)
+    assert fast and "avx512_bf16" in why
+    capped = CPUInfo("x", AVX512_BF16.flags, "AVX512", "AVX2")
+    assert not capped.fast(torch.bfloat16)[0] and "ONEDNN_MAX_CPU_ISA" in capped.fast(torch.bfloat16)[1]
+    assert not capped.exact_int8_matmul and AVX512_BF16.exact_int8_matmul
+    assert CPUInfo("x", AVX512_BF16.flags, "AVX512", "AVX512_CORE_BF16").fast(torch.bfloat16)[0]
+    aten = CPUInfo("x", AVX512_BF16.flags, "AVX2", None)
+    assert not aten.fast(torch.bfloat16)[0] and "ATEN_CPU_CAPABILITY" in aten.fast(torch.bfloat16)[1]
+    fast, why = AVX2_ONLY.fast(torch.bfloat16)
+    assert not fast and "no bfloat16 units" in why
 
 
 def test_onednn_cap_really_makes_bf16_slow_and_int8_inexact():
