@@ -118,7 +118,7 @@ def _randomized(seed: int) -> Mixed:
     return m
 
 
-def test_float32_compute_over_bf16_storage_is_the_float32_result_of_the_rounded_weights():
+def test_float32_compute_over_bf16_storage_is_the_float32_result_of_the_rounded_weights(monkeypatch):
     ids = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(1))
     stored = _randomized(0).to(torch.bfloat16)
     reference = _randomized(0).to(torch.bfloat16).float()  # the same bf16 values, held in float32
@@ -131,6 +131,15 @@ def test_float32_compute_over_bf16_storage_is_the_float32_result_of_the_rounded_
     out = stored(ids)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference(ids), rtol=0, atol=0)
+    # small models keep the upcast weights; an in-place edit (a fused LoRA) is seen at the next call
+    assert stored.lin.keep_upcast and not stored.emb.keep_upcast
+    with torch.no_grad():
+        stored.lin.weight.mul_(2)
+        reference.lin.weight.mul_(2)
+    torch.testing.assert_close(stored(ids), reference(ids), rtol=0, atol=0)
+    monkeypatch.setattr(compute, "UPCAST_CACHE_BYTES", 64 * 64 * 4 - 1)  # one byte short of this layer's copy
+    big = use_compute_dtype(nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16), torch.float32)
+    assert isinstance(big[0], UpcastLinear) and not big[0].keep_upcast
     # and back: computing in the storage dtype restores the plain layers
     use_compute_dtype(stored, torch.bfloat16)
     assert type(stored.lin) is nn.Linear and stored(ids).dtype == torch.bfloat16

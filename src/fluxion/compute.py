@@ -202,27 +202,49 @@ def matmul_gflops(dtype: torch.dtype, n: int = 256, seconds: float = 0.05) -> fl
 # ---------------------------------------------------------------- layers that upcast per call
 
 
+#: Models whose upcast weights fit in this many bytes keep them (a small model's per-call conversions cost up to
+#: ~15% of its step: fluxion-mini's 21 MB; `bench/speed.py --sections dtypes`); larger ones convert per call.
+UPCAST_CACHE_BYTES = 64 << 20
+
+
+def _upcast_weight(module: nn.Module) -> Tensor:
+    """`module.weight` in its compute dtype: converted per call, or kept while the weight is unchanged (small
+    models; the kept copy follows in-place edits such as fused LoRA through the tensor's version counter)."""
+    w, cd = module.weight, module.compute_dtype
+    if not module.keep_upcast or (w.requires_grad and torch.is_grad_enabled()):
+        return w.to(cd)
+    kept = module.__dict__.get("_upcast")
+    if kept is not None and kept[0] is w and kept[1] == w._version and kept[2].dtype == cd:
+        return kept[2]
+    upcast = w.detach().to(cd)
+    module.__dict__["_upcast"] = (w, w._version, upcast)
+    return upcast
+
+
 class UpcastLinear(nn.Linear):
     """nn.Linear whose weight is stored in a low-precision dtype and computes in `compute_dtype`."""
 
     compute_dtype: torch.dtype = torch.float32
+    keep_upcast: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         cd = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cd)
-        return F.linear(x.to(cd), self.weight.to(cd), bias)
+        return F.linear(x.to(cd), _upcast_weight(self), bias)
 
 
 class UpcastConv2d(nn.Conv2d):
     compute_dtype: torch.dtype = torch.float32
+    keep_upcast: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         cd = self.compute_dtype
-        return self._conv_forward(x.to(cd), self.weight.to(cd), None if self.bias is None else self.bias.to(cd))
+        return self._conv_forward(x.to(cd), _upcast_weight(self), None if self.bias is None else self.bias.to(cd))
 
 
 class UpcastEmbedding(nn.Embedding):
     compute_dtype: torch.dtype = torch.float32
+    keep_upcast: bool = False
 
     def forward(self, ids: Tensor) -> Tensor:
         return super().forward(ids).to(self.compute_dtype)  # only the looked-up rows are converted
@@ -236,18 +258,23 @@ def use_compute_dtype(model: nn.Module, compute: torch.dtype) -> nn.Module:
     """Make `model` compute in `compute` whatever its weights' storage dtype (in place; returns the model).
 
     Linear, Conv2d and Embedding layers whose weight is in another dtype upcast it per call (their class
-    becomes an `Upcast*` subclass: parameters, names and state dict are unchanged); one-dimensional
+    becomes an `Upcast*` subclass: parameters, names and state dict are unchanged; a model whose upcast
+    weights fit UPCAST_CACHE_BYTES keeps them instead); one-dimensional
     parameters and floating buffers (norm scales, biases: a few KB) are converted once, so norms see the
     compute dtype too. Quantized layers dequantize into the input's dtype already. Layers already in
     `compute` go back to their plain class, so calling this again with the storage dtype undoes it.
     """
+    upcast_bytes = sum(m.weight.numel() for m in model.modules() if PLAIN.get(type(m), type(m)) in UPCAST
+                       and m.weight.dtype != compute) * torch.empty((), dtype=compute).element_size()
     for module in model.modules():
         kind = PLAIN.get(type(module), type(module))
+        module.__dict__.pop("_upcast", None)
         if kind in UPCAST:
             weight = module.weight
             if weight.dtype != compute and weight.is_floating_point():
                 module.__class__ = UPCAST[kind]
                 module.compute_dtype = compute
+                module.keep_upcast = kind is not nn.Embedding and upcast_bytes <= UPCAST_CACHE_BYTES
             else:
                 module.__class__ = kind
         for name, p in list(module.named_parameters(recurse=False)):
