@@ -173,6 +173,9 @@ def test_pipeline_on_a_cpu_without_bf16_units(cpu, tiny_dev_dir):
     got, want = pipe(**kw).images, rounded(**kw).images
     assert abs(got - want).max() < 1e-5
 
+    with pytest.raises(ValueError, match="compute_dtype must be"):
+        FluxPipeline.from_pretrained(tiny_dev_dir, torch_dtype=torch.bfloat16, compute_dtype="fp8")
+
     cpu(AVX512_BF16)
     fast = FluxPipeline.from_pretrained(tiny_dev_dir, torch_dtype=torch.bfloat16)
     assert fast.transformer.compute_dtype == torch.bfloat16

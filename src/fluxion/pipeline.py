@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .checkpoints import CheckpointError, load_autoencoder, load_transformer
 from .checkpoints.pages import release_pages, stream_blocks
-from .compute import DtypePlan, log_once, plan, storage_dtype, use_compute_dtype
+from .compute import DtypePlan, log_once, parse_dtype, plan, storage_dtype, use_compute_dtype
 from .lora.pipeline_mixin import LoraMixin
 from .model.autoencoder import AutoEncoder
 from .model.text_encoders import CLIPEmbedder, T5Embedder, load_tokenizer
@@ -115,6 +115,7 @@ class FluxPipeline(LoraMixin):
         As in diffusers, `transformer=`, `vae=`, `text_encoder_2=` replace a part: a loaded model, or here also
         a file (e.g. `transformer="flux1-dev-Q4_0.gguf"`, `text_encoder_2="t5-v1_1-xxl-encoder-Q8_0.gguf"`).
         """
+        parse_dtype(compute_dtype)  # a bad value fails before anything loads
         parts = {k: kwargs.pop(k) for k in ("transformer", "vae", "text_encoder_2") if kwargs.get(k) is not None}
         root = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path else default_model_dir()
         if not root.is_dir():
@@ -161,8 +162,7 @@ class FluxPipeline(LoraMixin):
             self._device = torch.device(device)
         for m in self.components().values():
             m.to(device=self._device, dtype=dtype)
-        if dtype is not None:
-            self.set_compute_dtype(self._compute_override)
+        self.set_compute_dtype(self._compute_override)  # the device or the storage dtype may have changed
         return self
 
     def set_compute_dtype(self, compute_dtype: str | torch.dtype | None = None) -> dict[str, DtypePlan]:
@@ -203,6 +203,7 @@ class FluxPipeline(LoraMixin):
         self._release_after_use = target.type == "cpu"
         self.to("cpu")
         self._device = target
+        self.set_compute_dtype(self._compute_override)  # planned for where the parts will run
         return self
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
