@@ -74,3 +74,19 @@ def test_bench_vs_diffusers_runs_the_repo_script(monkeypatch):
     assert main(["bench", "--vs-diffusers", "--threads", "2", "--repeats", "3"]) == 0
     (cmd,) = calls
     assert cmd[1].endswith("bench/speed.py") and cmd[2:] == ["--threads", "2", "--repeats", "3"]
+
+
+def test_info_system_says_what_computes_in_which_dtype_and_why(capsys, monkeypatch):
+    monkeypatch.setenv("FLUXION_COMPUTE_DTYPE", "float32")
+    assert main(["info", "--system"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU capability" in out and "GFLOP/s" in out
+    assert "bfloat16 weights stay bfloat16 in memory and compute in float32: chosen by $FLUXION_COMPUTE_DTYPE" in out
+
+
+def test_generate_compute_dtype_is_recorded(tiny_dev_dir, tmp_path):
+    out = tmp_path / "c.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_dev_dir), "--steps", "1", "--height", "32",
+                 "--width", "32", "--dtype", "bf16", "--compute-dtype", "float32", "--out", str(out)]) == 0
+    params = read_parameters(out)
+    assert params["dtype"] == "bf16" and params["compute_dtype"] == "float32"
