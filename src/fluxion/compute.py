@@ -189,7 +189,7 @@ def log_once(p: DtypePlan) -> None:
 
 @functools.lru_cache(maxsize=None)
 def matmul_gflops(dtype: torch.dtype, n: int = 256, seconds: float = 0.05) -> float:
-    """Measured one-thread-or-more matmul rate in `dtype` (a few hundredths of a second)."""
+    """Measured n x n matmul rate in `dtype` at the current thread count, GFLOP/s (takes `seconds`)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     count, start = 0, time.perf_counter()
