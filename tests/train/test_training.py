@@ -160,3 +160,27 @@ def test_decoder_only_training_keeps_the_encoder_and_its_latent_space(tmp_path, 
                                                                       before.config.shift_factor)
     with pytest.raises(ValueError, match="vae_init"):
         ae_config(tmp_path, decoder_only=True)
+
+
+class _Planted:
+    """Unpickling this runs code: it creates the file named by `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    cfg = ae_config(tmp_path, steps=2)
+    marker = tmp_path / "ran"
+    cfg.run_dir.mkdir(parents=True)
+    torch.save({"step": 1, "payload": _Planted(marker)}, cfg.run_dir / CHECKPOINT)
+    with pytest.raises(ValueError, match="not a fluxion checkpoint") as err:
+        train(cfg)
+    assert str(cfg.run_dir / CHECKPOINT) in str(err.value)
+    assert not marker.exists()
+    # the same file unpickled in full would have run the code: the test's plant is real
+    torch.load(cfg.run_dir / CHECKPOINT, weights_only=False)
+    assert marker.exists()

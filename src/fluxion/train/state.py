@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,10 +23,17 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict | None:
+    """A training checkpoint, or None where there is none. Loaded with `weights_only=True`: tensors and plain
+    values only, so a planted file cannot run code when a run resumes (a full unpickle would)."""
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not a fluxion checkpoint: it holds objects other than tensors and plain values, "
+                         f"which fluxion never unpickles (delete it, or resume from a checkpoint fluxion wrote): "
+                         f"{str(e).splitlines()[0]}") from None
 
 
 class EMA:
