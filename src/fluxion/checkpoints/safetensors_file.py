@@ -74,6 +74,9 @@ class SafetensorsFile:
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{self.path}: tensor {name!r}: corrupt header entry {info!r}") from None
+            if begin < 0 or end < begin or any(s < 0 for s in shape):
+                raise CheckpointError(f"{self.path}: tensor {name!r}: corrupt header entry (offsets {begin}..{end}, "
+                                      f"shape {list(shape)}): offsets must satisfy 0 <= begin <= end, sizes >= 0")
             numel = 1
             for s in shape:
                 numel *= s
@@ -88,7 +91,22 @@ class SafetensorsFile:
                     "the file is truncated (an interrupted download or copy?)"
                 )
             self._entries[name] = (dtype, shape, begin, end)
+        self._check_layout(data_size)
         self._map = None
+
+    def _check_layout(self, data_size: int) -> None:
+        """As strict as the `safetensors` library: the tensors tile the data section, from byte 0 to its end, in
+        offset order, without gaps or overlaps (otherwise two names could share bytes, or bytes hide between)."""
+        at = 0
+        for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: item[1][2:]):
+            if begin != at:
+                what = "overlaps the tensor before it" if begin < at else f"leaves {begin - at} unexplained bytes"
+                raise CheckpointError(f"{self.path}: tensor {name!r} starts at data byte {begin}, {what} (expected "
+                                      f"{at}): the header is corrupt")
+            at = end
+        if at != data_size:
+            raise CheckpointError(f"{self.path}: {data_size - at} bytes after the last tensor's end ({at}): the file "
+                                  "is corrupt or not a safetensors file")
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
@@ -123,6 +141,9 @@ class SafetensorsFile:
     def get(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """The tensor, as a view of the mapping when no conversion is needed, else a converted copy."""
         tdtype, shape, begin, end = self._entry(name)
+        if dtype is not None and dtype.is_floating_point and not tdtype.is_floating_point:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {tdtype}, not a floating-point type: "
+                                  "weights are F32, F16, BF16 or F8 (a relabelled or foreign file?)")
         if end == begin:
             return torch.empty(shape, dtype=dtype or tdtype)
         mapping = self._mapping()
