@@ -22,3 +22,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def inside(folder: str | os.PathLike, name: str, what: str) -> Path:
+    """`folder / name` for a file name read from a file in `folder` (a shard index, a metadata.jsonl), refusing a
+    name that is absolute or climbs out with `..`: such files may only point inside their own folder.
+
+    The check is on the name, not on the resolved path: symlinks inside the folder stay allowed, as the Hugging
+    Face cache links every snapshot file to a blob outside it.
+    """
+    text = str(name)
+    norm = os.path.normpath(text)
+    if os.path.isabs(text) or norm == ".." or norm.startswith(".." + os.sep) or "\x00" in text:
+        raise ValueError(f"{what} names {text!r}, outside {folder}: files it names must be inside its folder")
+    return Path(folder) / norm

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..files import inside
 from .safetensors_file import CheckpointError, SafetensorsFile
 
 
@@ -52,7 +53,11 @@ class TensorStore:
             shards = {}
             for key, shard in weight_map.items():
                 if shard not in shards:
-                    shards[shard] = SafetensorsFile(path.parent / shard)
+                    try:
+                        shard_path = inside(path.parent, shard, f"{path}: the index")
+                    except ValueError as e:
+                        raise CheckpointError(str(e)) from None
+                    shards[shard] = SafetensorsFile(shard_path)
                 if key not in shards[shard]:
                     raise CheckpointError(f"{path}: the index puts {key!r} in {shard}, which does not hold it")
             return cls(list(shards.values()), strip_prefix)

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..compute import resolve_bf16_autocast
+from ..files import inside
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
 from ..sampling import image_ids, latent_grid, pack, text_ids
 from .autoencoder import grid
@@ -89,7 +90,8 @@ def read_dataset(folder: str | Path, instance_prompt: str | None, flag: str = "-
                 row = json.loads(line)
                 if "file_name" not in row:
                     raise ValueError(f"{meta}:{n}: each line needs a file_name (and text)")
-                pairs.append((folder / row["file_name"], row["text"] if row.get("text") is not None else instance_prompt))
+                image = inside(folder, row["file_name"], f"{meta}:{n}")
+                pairs.append((image, row["text"] if row.get("text") is not None else instance_prompt))
     else:
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             caption_file = path.with_suffix(".txt")
