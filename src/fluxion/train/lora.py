@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..compute import resolve_bf16_autocast
 from ..files import inside
+from ..images import load_image
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
 from ..sampling import image_ids, latent_grid, pack, text_ids
 from .autoencoder import grid
@@ -104,6 +105,8 @@ def read_dataset(folder: str | Path, instance_prompt: str | None, flag: str = "-
     absent = [str(p) for p, _ in pairs if not p.is_file()]
     if absent:
         raise ValueError(f"metadata.jsonl names {absent[0]}, which does not exist")
+    for path, _ in pairs:  # a corrupt image is named now, before any model loads
+        load_image(path, f"{flag} image")
     return pairs
 
 
@@ -121,7 +124,7 @@ def load_images(pairs, resolution: int) -> torch.Tensor:
     """Images resized (centre crop to square) to resolution, in [-1, 1], [N, 3, R, R]."""
     out = []
     for path, _ in pairs:
-        im = Image.open(path).convert("RGB")
+        im = load_image(path)
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
