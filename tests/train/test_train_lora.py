@@ -222,3 +222,27 @@ def test_noise_level_sampling_moves_training_and_unknown_names_fail_early(tiny_d
     assert centred.median() < 0.6 < 0.7 < high.median()  # sigmoid(0) = 0.5, sigmoid(1.5) = 0.82
     with pytest.raises(ValueError, match="timestep sampling 'cosine'"):
         train_lora(LoraTrainConfig(output=str(tmp_path / "c"), timestep_sampling="cosine", **common))
+
+
+def test_resume_with_other_adapter_settings_is_refused_before_touching_the_folder(tiny_dev_dir, image_folder,
+                                                                                   tmp_path):
+    out = tmp_path / "lora"
+    cfg = LoraTrainConfig(model=str(tiny_dev_dir), data=str(image_folder), output=str(out), instance_prompt="a sks",
+                          steps=1, grad_accum=1, rank=2, resolution=32, validation_every=0, checkpoint_every=1)
+    train_lora(cfg)
+    saved_config = (out / "train_config.json").read_text()
+    for change, name in (({"rank": 4}, "rank"), ({"targets": ("attn.to_q",)}, "targets")):
+        other = LoraTrainConfig(**{**cfg.__dict__, **change, "steps": 2})
+        with pytest.raises(ValueError, match=f"cannot resume: {name} was"):
+            train_lora(other)
+        assert (out / "train_config.json").read_text() == saved_config
+
+
+@pytest.mark.parametrize("field,value", [("prior_loss_weight", float("nan")), ("lr", 0.0), ("checkpoint_every", 0),
+                                         ("lr", float("inf")), ("num_class_images", 0)])
+def test_bad_numbers_fail_before_any_model_loads(image_folder, tmp_path, field, value):
+    cfg = LoraTrainConfig(model=str(tmp_path / "no-model"), data=str(image_folder), output=str(tmp_path / "o"),
+                          instance_prompt="a sks", **{field: value})
+    with pytest.raises(ValueError, match=field):
+        train_lora(cfg)
+    assert not (tmp_path / "o").exists()

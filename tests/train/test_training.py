@@ -184,3 +184,22 @@ def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     # the same file unpickled in full would have run the code: the test's plant is real
     torch.load(cfg.run_dir / CHECKPOINT, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("checkpoint_every", 0), ("lr", float("nan")),
+                                         ("steps", -1), ("log_every", 0), ("grad_clip", 0), ("batch_size", 2.5)])
+def test_bad_numbers_are_named_when_the_config_is_read(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        ae_config(tmp_path, **{field: value})
+
+
+def test_resume_with_another_architecture_is_refused_before_touching_the_folder(tmp_path):
+    cfg = ae_config(tmp_path, steps=2, checkpoint_every=1)
+    train(cfg)
+    saved = (cfg.run_dir / "config.json").read_text()
+    wider = ae_config(tmp_path, steps=3, autoencoder={**TINY_AE, "ch": 16})
+    with pytest.raises(ValueError, match="cannot resume: autoencoder was"):
+        train(wider)
+    assert (cfg.run_dir / "config.json").read_text() == saved
+    train(ae_config(tmp_path, steps=3, checkpoint_every=1))  # the same architecture resumes
+    assert load_checkpoint(cfg.run_dir / CHECKPOINT)["step"] == 3

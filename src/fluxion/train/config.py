@@ -1,10 +1,23 @@
 """Training configs: one dataclass, read from YAML, with `--set key=value` overrides."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+
+def check_numbers(cfg, positive=(), non_negative=(), at_least_one=(), finite=()) -> None:
+    """One ValueError naming the first setting that is not a finite number in its range (0 is a value, not
+    "unset": a batch of 0 would train NaN, a checkpoint every 0 steps divide by zero)."""
+    rules = [(n, "> 0", lambda v: v > 0) for n in positive] + [(n, ">= 0", lambda v: v >= 0) for n in non_negative]
+    rules += [(n, ">= 1 (a whole number)", lambda v: v >= 1 and float(v).is_integer()) for n in at_least_one]
+    rules += [(n, "finite", lambda v: True) for n in finite]
+    for name, want, ok in rules:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{name} must be a number {want}, got {v!r}")
 
 
 @dataclass
@@ -62,6 +75,17 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         self.lr = float(self.lr)
         self.kl_weight = float(self.kl_weight)
+        check_numbers(self, positive=("lr", "grad_clip", "logit_std"),
+                      non_negative=("weight_decay", "warmup_steps", "decay_steps", "sample_every", "data_workers",
+                                    "kl_weight", "ema_decay"),
+                      at_least_one=("steps", "batch_size", "checkpoint_every", "log_every", "max_sequence_length",
+                                    "sample_steps"),
+                      finite=("logit_mean", "sample_cfg"))
+        if self.threads is not None:
+            check_numbers(self, at_least_one=("threads",))
+        if not 0 <= self.caption_dropout < 1 or not self.ema_decay < 1:
+            raise ValueError(f"caption_dropout and ema_decay must be in [0, 1), got {self.caption_dropout} and "
+                             f"{self.ema_decay}")
 
     @property
     def run_dir(self) -> Path:

@@ -34,9 +34,10 @@ from ..images import load_image
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
 from ..sampling import image_ids, latent_grid, pack, text_ids
 from .autoencoder import grid
+from .config import check_numbers
 from .flow import flow_loss, interpolate, sample_sigmas, velocity_target
 from .run import save_image_atomic, step_generator
-from .state import load_checkpoint, save_atomic
+from .state import check_resume, load_checkpoint, save_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ADAPTER = "dreambooth"
@@ -75,6 +76,11 @@ class LoraTrainConfig:
     mixed_precision: str = "no"  # "bf16": the transformer's matmuls in bfloat16, adapter weights kept float32;
     # "auto": bf16 where the CPU has bf16 units (or on CUDA), float32 elsewhere (fluxion.compute)
     targets: tuple[str, ...] | None = None  # layer-name patterns (diffusers' --lora_layers); None: the recipe's
+
+
+# settings a resumed adapter run must share with the saved one (the adapter's layers and shapes, the data order)
+LORA_RESUME_KEYS = ("model", "rank", "alpha", "targets", "resolution", "seed", "batch_size", "grad_accum",
+                    "class_batch_size")
 
 
 def read_dataset(folder: str | Path, instance_prompt: str | None, flag: str = "--data") -> list[tuple[Path, str]]:
@@ -146,12 +152,19 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
         raise ValueError(f"prior_target must be 'images' or 'base_model', got {cfg.prior_target!r}")
     if not 0 <= cfg.caption_dropout < 1:
         raise ValueError(f"caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    check_numbers(cfg, positive=("lr", "logit_std"), non_negative=("prior_loss_weight", "validation_every"),
+                  at_least_one=("checkpoint_every", "num_class_images"), finite=("guidance_scale", "logit_mean"))
+    if cfg.alpha is not None:
+        check_numbers(cfg, positive=("alpha",))
     if cfg.class_data is None and cfg.class_prompt is not None:
         raise ValueError("--class-prompt needs --class-data, the folder its images go to")
     class_pairs = []  # a folder with its own captions is read (and fails) now; one to fill, after generating
     if cfg.class_data is not None and cfg.class_prompt is None:
         class_pairs = read_dataset(cfg.class_data, None, "--class-data")
     out = Path(cfg.output)
+    if resume and (out / "lora_checkpoint.pt").is_file() and (out / "train_config.json").is_file():
+        check_resume(json.loads((out / "train_config.json").read_text()), asdict(cfg), LORA_RESUME_KEYS,
+                     out / "lora_checkpoint.pt")  # before train_config.json is overwritten
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     pipe = FluxPipeline.from_pretrained(cfg.model)
@@ -192,6 +205,10 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     step = 0
     state = load_checkpoint(out / "lora_checkpoint.pt") if resume else None
     if state is not None:
+        shapes = [tuple(p.shape) for p in params], [tuple(t.shape) for t in state["params"]]
+        if shapes[0] != shapes[1]:
+            raise ValueError(f"{out / 'lora_checkpoint.pt'}: cannot resume: its adapter tensors have shapes "
+                             f"{shapes[1][:4]}..., this run's {shapes[0][:4]}...; start over (--fresh)")
         with torch.no_grad():
             for p, saved in zip(params, state["params"]):
                 p.copy_(saved)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..compute import resolve_bf16_autocast
 from ..files import atomic_path
 from .config import TrainConfig
-from .state import EMA, load_checkpoint, save_atomic
+from .state import EMA, check_resume, load_checkpoint, save_atomic
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -57,6 +57,11 @@ def plot_loss(history: list[tuple[int, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# settings a resumed run must share with the saved one: the models' shapes and the data each step draws
+RESUME_KEYS = ("kind", "seed", "batch_size", "autoencoder", "transformer", "t5", "clip", "max_sequence_length",
+               "vae_path", "vae_init", "decoder_only")
+
+
 def save_image_atomic(image, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         image.save(tmp)
@@ -87,6 +92,9 @@ def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = cfg.run_dir
+    state = load_checkpoint(run / CHECKPOINT) if resume else None
+    if state is not None:  # before anything in the folder changes
+        check_resume(state.get("config", {}), asdict(cfg), RESUME_KEYS, run / CHECKPOINT)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
@@ -95,7 +103,6 @@ def train(cfg: TrainConfig, resume: bool = True, max_minutes: float | None = Non
     optimizer = torch.optim.AdamW(task.trainable(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(task.ema_module(), cfg.ema_decay) if cfg.ema_decay > 0 else None
     step, history = 0, []
-    state = load_checkpoint(run / CHECKPOINT) if resume else None
     if state is not None:
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 from pathlib import Path
@@ -34,6 +35,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path}: not a fluxion checkpoint: it holds objects other than tensors and plain values, "
                          f"which fluxion never unpickles (delete it, or resume from a checkpoint fluxion wrote): "
                          f"{str(e).splitlines()[0]}") from None
+
+
+def check_resume(saved: dict, new: dict, keys: tuple[str, ...], where: str | os.PathLike) -> None:
+    """Refuse, by name and before anything is written, to resume a run whose settings that shape the saved
+    state (architecture, adapter layers and rank, data order) differ from the new ones."""
+    def plain(v):  # tuples and lists, as JSON gives them back
+        return json.loads(json.dumps(v))
+
+    for key in keys:
+        if key in saved and plain(saved[key]) != plain(new.get(key)):
+            raise ValueError(f"{where}: cannot resume: {key} was {saved[key]!r} in the saved run, now "
+                             f"{new.get(key)!r}; use the saved value, or start over (--fresh)")
 
 
 class EMA:
