@@ -82,6 +82,21 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def _check_against_config(cfg: dict, folder: Path, store: TensorStore, found: dict) -> None:
+    """Where config.json states a size, the tensors must have it: a folder missing a whole block would otherwise
+    load as a smaller model. The error names the first missing tensor."""
+    for key, (value, prefix, have) in found.items():
+        said = cfg.get(key)
+        if said is None or said == value:
+            continue
+        hint = ""
+        if prefix is not None and said > have:
+            block0 = sorted(k for k in store.keys() if k.startswith(f"{prefix}.0."))
+            first = block0[0].replace(f"{prefix}.0.", f"{prefix}.{have}.", 1) if block0 else f"{prefix}.{have}.*"
+            hint = f": blocks {have}..{said - 1} are missing (first missing tensor: {first})"
+        raise CheckpointError(f"{folder / 'config.json'} says {key} = {said}, but {store.describe()} has {value}{hint}")
+
+
 def infer_flux_config(store: TensorStore, folder: Path, axes_dim=None) -> FluxConfig:
     """From tensor shapes, with the RoPE axes (which shapes cannot tell) from config.json."""
     keys = store.keys()
@@ -92,8 +107,17 @@ def infer_flux_config(store: TensorStore, folder: Path, axes_dim=None) -> FluxCo
     if cfg.get("patch_size", 1) != 1:
         raise CheckpointError(f"{folder}: patch_size {cfg['patch_size']} is not supported (FLUX.1 uses 1)")
     hidden, in_channels = store.shape("x_embedder.weight")
-    depth = len({k.split(".")[1] for k in keys if k.startswith("transformer_blocks.")})
-    depth_single = len({k.split(".")[1] for k in keys if k.startswith("single_transformer_blocks.")})
+    # one past the highest block index: a block missing in the middle is then a missing tensor, not a
+    # silently shallower model (and config.json, below, catches a missing last block)
+    depth = 1 + max((int(k.split(".")[1]) for k in keys if k.startswith("transformer_blocks.")), default=-1)
+    depth_single = 1 + max((int(k.split(".")[1]) for k in keys if k.startswith("single_transformer_blocks.")),
+                           default=-1)
+    _check_against_config(cfg, folder, store, {
+        "num_layers": (depth, "transformer_blocks", depth),
+        "num_single_layers": (depth_single, "single_transformer_blocks", depth_single),
+        "in_channels": (in_channels, None, None),
+        "joint_attention_dim": (store.shape("context_embedder.weight")[1], None, None),
+    })
     block = "transformer_blocks.0" if depth else "single_transformer_blocks.0"
     head_dim = store.shape(f"{block}.attn.norm_q.weight")[0]
     mlp_hidden = store.shape("transformer_blocks.0.ff.net.0.proj.weight")[0] if depth else store.shape(

@@ -1,5 +1,6 @@
-"""fluxion's own safetensors header parser is as strict as the `safetensors` library (which is the oracle here):
-crafted headers with bad offsets are refused by name, and integer data never loads as float weights."""
+"""Damaged or crafted checkpoint files are refused by name: fluxion's own safetensors header parser is as strict as
+the `safetensors` library (the oracle here), integer data never loads as float weights, and a folder whose
+tensors disagree with its config.json never loads as another model."""
 import json
 import struct
 
@@ -95,3 +96,26 @@ def test_a_relabelled_transformer_file_is_refused_by_tensor_name(tiny_dev_origin
     _write(bad, header, blob[8 + n :])
     with pytest.raises(CheckpointError, match=f"{name!r} is stored as torch.int32"):
         load_transformer(bad)
+
+
+@pytest.mark.parametrize("drop", ["last double block", "a middle single block"])
+def test_a_folder_missing_a_block_does_not_load_as_a_smaller_model(tiny_dev_dir, tmp_path, drop):
+    import shutil
+
+    from fluxion import load_transformer
+    from fluxion.checkpoints.safetensors_file import save_safetensors
+
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_dev_dir / "transformer", folder)
+    config = json.loads((folder / "config.json").read_text())
+    files = list(folder.glob("*.safetensors"))
+    assert len(files) == 1
+    tensors = load_file(str(files[0]))
+    if drop == "last double block":
+        prefix = f"transformer_blocks.{config['num_layers'] - 1}."
+    else:
+        assert config["num_single_layers"] >= 2
+        prefix = "single_transformer_blocks.0."
+    save_safetensors({k: v for k, v in tensors.items() if not k.startswith(prefix)}, files[0])
+    with pytest.raises(CheckpointError, match=prefix.replace(".", r"\.")):
+        load_transformer(folder)
