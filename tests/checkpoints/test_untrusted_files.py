@@ -119,3 +119,20 @@ def test_a_folder_missing_a_block_does_not_load_as_a_smaller_model(tiny_dev_dir,
     save_safetensors({k: v for k, v in tensors.items() if not k.startswith(prefix)}, files[0])
     with pytest.raises(CheckpointError, match=prefix.replace(".", r"\.")):
         load_transformer(folder)
+
+
+def test_an_autoencoder_folder_missing_a_level_is_refused(tiny_dev_dir, tmp_path):
+    import shutil
+
+    from fluxion import load_autoencoder
+    from fluxion.checkpoints.safetensors_file import save_safetensors
+
+    folder = tmp_path / "vae"
+    shutil.copytree(tiny_dev_dir / "vae", folder)
+    config = json.loads((folder / "config.json").read_text())
+    last = len(config["block_out_channels"]) - 1
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(str(file))
+    save_safetensors({k: v for k, v in tensors.items() if not k.startswith(f"encoder.down_blocks.{last}.")}, file)
+    with pytest.raises(CheckpointError, match="block_out_channels"):
+        load_autoencoder(folder)

@@ -219,6 +219,11 @@ def infer_autoencoder_config(store: TensorStore, folder: Path, **overrides) -> A
         norm_groups=cfg.get("norm_num_groups", 32),
         resolution=cfg.get("sample_size", 256) if isinstance(cfg.get("sample_size", 256), int) else 256,
     )
+    _check_against_config(cfg, folder, store, {
+        "block_out_channels": ([ch * m for m in ch_mult], None, None),
+        "layers_per_block": (values["num_res_blocks"], None, None),
+        "latent_channels": (values["z_channels"], None, None),
+    })
     values.update(overrides)
     return AutoEncoderConfig(**values)
 
