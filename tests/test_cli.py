@@ -90,3 +90,53 @@ def test_generate_compute_dtype_is_recorded(tiny_dev_dir, tmp_path):
                  "--width", "32", "--dtype", "bf16", "--compute-dtype", "float32", "--out", str(out)]) == 0
     params = read_parameters(out)
     assert params["dtype"] == "bf16" and params["compute_dtype"] == "float32"
+
+
+def test_outputs_and_inputs_are_checked_before_any_work(tiny_dev_dir, tmp_path, capsys):
+    """One line naming the thing (no traceback), and nothing made first."""
+    base = ["generate", "a red circle", "--model", str(tiny_dev_dir), "--steps", "1", "--height", "32", "--width", "32"]
+    cases = [
+        (base + ["--out", str(tmp_path)], "is a folder"),
+        (base + ["--out", str(tmp_path / "missing" / "a.png")], "does not exist"),
+        (base + ["--out", str(tmp_path / "a.jpg")], "must name a .png file"),
+        (base + ["--seed", str(2**64), "--out", str(tmp_path / "b.png")], "--seed must be in"),
+        (["quantize", str(tiny_dev_dir / "transformer"), str(tmp_path / "nope" / "t.gguf")], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unreadable_configs_and_captions_are_named(tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("kind: autoencoder\noutput: [unclosed\n")
+    assert main(["train", str(bad_yaml)]) == 2
+    assert f"{bad_yaml}: not valid YAML" in capsys.readouterr().err
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    (data / "a.txt").write_bytes("un café".encode("latin-1"))
+    assert main(["train-lora", "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+    assert "a.txt: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_bad_model_index_and_string_dtypes(tiny_dev_dir, tmp_path):
+    import shutil
+
+    import pytest
+    import torch
+
+    from fluxion import FluxPipeline
+    from fluxion.checkpoints import CheckpointError
+
+    pipe = FluxPipeline.from_pretrained(tiny_dev_dir, torch_dtype="bfloat16")  # a dtype's name, as some scripts pass
+    assert pipe.transformer.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="torch_dtype must be"):
+        FluxPipeline.from_pretrained(tiny_dev_dir, torch_dtype="int8")
+    broken = tmp_path / "pipe"
+    shutil.copytree(tiny_dev_dir, broken)
+    (broken / "model_index.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="model_index.json"):
+        FluxPipeline.from_pretrained(broken)

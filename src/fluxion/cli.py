@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .files import check_writable
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 QUANTIZE_AT_LOAD = ["int8", "w8a8", "fp8", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 GGUF_TYPES = ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16", "bf16", "f32"]
@@ -25,12 +27,12 @@ def cmd_generate(args) -> int:
     from .png import save_png
 
     model = args.model or str(default_model_dir())
+    out = check_writable(args.out, "--out", ".png")  # before the model loads, not after the image is made
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     extra = {"quantize": args.quantize} if args.quantize else {}
     pipe = FluxPipeline.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype),
                                         compute_dtype=args.compute_dtype, **extra)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise SystemExit(f"--out must name a .png file, got {out}")
     if args.max_memory is not None:
         _limit_memory(pipe, Path(model) / "transformer", args.max_memory)
     n = args.num_images
@@ -74,6 +76,7 @@ def _limit_memory(pipe, transformer_dir: Path, gib: float) -> None:
 def cmd_quantize(args) -> int:
     from .checkpoints import quantize_to_gguf
 
+    check_writable(args.dst, "quantize's destination", ".gguf")
     t0 = time.perf_counter()
     plan = quantize_to_gguf(args.src, args.dst, args.type.upper())
     counts: dict[str, int] = {}
@@ -160,6 +163,7 @@ def _add_cache_arguments(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fluxion", description="FLUX.1 text-to-image: generate, inspect, train, evaluate.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate an image from a prompt")
@@ -283,12 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoints import CheckpointError
-
     try:
         return args.func(args)
-    except (CheckpointError, ValueError) as e:
-        print(f"fluxion {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; OSError: unreadable or unwritable files
+        if args.debug:
+            raise
+        print(f"fluxion {args.command}: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

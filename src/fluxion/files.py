@@ -36,3 +36,26 @@ def inside(folder: str | os.PathLike, name: str, what: str) -> Path:
     if os.path.isabs(text) or norm == ".." or norm.startswith(".." + os.sep) or "\x00" in text:
         raise ValueError(f"{what} names {text!r}, outside {folder}: files it names must be inside its folder")
     return Path(folder) / norm
+
+
+def check_writable(path: str | os.PathLike, what: str, suffix: str | None = None) -> Path:
+    """Fail now, not after the work, when `path` cannot be written: a folder, a missing or read-only parent."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: name a file in it")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ValueError(f"{what} must name a {suffix} file, got {path}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} {path}: the folder {parent} is not writable")
+    return path
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file; another encoding is named, with the file, instead of a UnicodeDecodeError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None

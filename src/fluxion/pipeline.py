@@ -40,6 +40,16 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _weights_dtype(value) -> torch.dtype:
+    """torch_dtype as diffusers takes it (a torch dtype), or its name ("bfloat16", "torch.float16")."""
+    if isinstance(value, str):
+        value = getattr(torch, value.strip().removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating-point torch dtype such as torch.bfloat16 (or its name), "
+                         f"got {value!r}")
+    return value
+
+
 def default_model_dir() -> Path:
     """The shipped fluxion-mini, or $FLUXION_MODEL."""
     return Path(os.environ.get("FLUXION_MODEL", REPO_ROOT / "models" / "fluxion-mini"))
@@ -128,7 +138,22 @@ class FluxPipeline(LoraMixin):
         ignored = set(kwargs) - {"use_safetensors", "local_files_only", "variant", "low_cpu_mem_usage", "revision"}
         if ignored:
             log.warning("from_pretrained ignores %s", sorted(ignored))
-        wdtype = dtype or torch_dtype or torch.float32
+        schedule = DEV_SCHEDULE
+        sched_file = root / "scheduler" / "scheduler_config.json"
+        if sched_file.is_file():
+            try:
+                schedule = ScheduleConfig.from_dict(json.loads(sched_file.read_text()))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{sched_file}: not a valid scheduler config ({e})") from None
+        index = root / "model_index.json"
+        try:
+            extra = json.loads(index.read_text()).get("_fluxion_defaults", {}) if index.is_file() else {}
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid model_index.json ({e})") from None
+        known = set(PipelineDefaults.__dataclass_fields__)
+        if not isinstance(extra, dict) or set(extra) - known:
+            raise CheckpointError(f"{index}: _fluxion_defaults may set {sorted(known)}, got {extra!r}")
+        wdtype = _weights_dtype(dtype or torch_dtype or torch.float32)
         transformer = parts.get("transformer", root / "transformer")
         if isinstance(transformer, (str, os.PathLike)):
             transformer = load_transformer(transformer, wdtype, quantize=quantize)
@@ -142,12 +167,6 @@ class FluxPipeline(LoraMixin):
             t5 = T5Embedder.from_checkpoint(t5, root / "tokenizer_2", wdtype)
         elif not isinstance(t5, T5Embedder):  # a transformers T5EncoderModel, as diffusers users pass it
             t5 = T5Embedder(load_tokenizer(root / "tokenizer_2"), t5)
-        schedule = DEV_SCHEDULE
-        sched_file = root / "scheduler" / "scheduler_config.json"
-        if sched_file.is_file():
-            schedule = ScheduleConfig.from_dict(json.loads(sched_file.read_text()))
-        index = root / "model_index.json"
-        extra = json.loads(index.read_text()).get("_fluxion_defaults", {}) if index.is_file() else {}
         defaults = PipelineDefaults.for_model(transformer.config.guidance_embed, **extra)
         return cls(transformer, vae, clip, t5, schedule, defaults, str(root), compute_dtype)
 

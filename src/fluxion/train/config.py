@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from ..files import read_text
+
 
 def check_numbers(cfg, positive=(), non_negative=(), at_least_one=(), finite=()) -> None:
     """One ValueError naming the first setting that is not a finite number in its range (0 is a value, not
@@ -100,7 +102,13 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such config file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(read_text(path, "config")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]} {getattr(e, 'problem_mark', '') or ''})"
+                         .rstrip()) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config is a YAML mapping of keys to values, got {type(raw).__name__}")
     known = {f.name for f in fields(TrainConfig)}
     for item in overrides or []:
         key, sep, value = item.partition("=")

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..compute import resolve_bf16_autocast
-from ..files import inside
+from ..files import inside, read_text
 from ..images import load_image
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
 from ..sampling import image_ids, latent_grid, pack, text_ids
@@ -92,9 +92,12 @@ def read_dataset(folder: str | Path, instance_prompt: str | None, flag: str = "-
     pairs = []
     meta = folder / "metadata.jsonl"
     if meta.is_file():
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(meta, "--data metadata").splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{meta}:{n}: not a JSON object ({e})") from None
                 if "file_name" not in row:
                     raise ValueError(f"{meta}:{n}: each line needs a file_name (and text)")
                 image = inside(folder, row["file_name"], f"{meta}:{n}")
@@ -102,7 +105,8 @@ def read_dataset(folder: str | Path, instance_prompt: str | None, flag: str = "-
     else:
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             caption_file = path.with_suffix(".txt")
-            pairs.append((path, caption_file.read_text().strip() if caption_file.is_file() else instance_prompt))
+            caption = read_text(caption_file, "caption").strip() if caption_file.is_file() else instance_prompt
+            pairs.append((path, caption))
     if not pairs:
         raise ValueError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) or metadata.jsonl found")
     missing = [str(p) for p, c in pairs if c is None]
@@ -162,6 +166,8 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     if cfg.class_data is not None and cfg.class_prompt is None:
         class_pairs = read_dataset(cfg.class_data, None, "--class-data")
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file: name a folder for the adapter, checkpoints and samples")
     if resume and (out / "lora_checkpoint.pt").is_file() and (out / "train_config.json").is_file():
         check_resume(json.loads((out / "train_config.json").read_text()), asdict(cfg), LORA_RESUME_KEYS,
                      out / "lora_checkpoint.pt")  # before train_config.json is overwritten
