@@ -21,8 +21,6 @@ and the relative error of each against the float32 product of the dequantized we
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fluxion import compute
+from fluxion.eval.speed import median_seconds
 from fluxion.quant import QuantLinear
 from fluxion.quant import ggml, kernels
 
@@ -83,16 +82,6 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None) -> Tenso
     return y.reshape(*x.shape[:-1], packed.out_features)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -120,15 +109,15 @@ def main() -> None:
             wd = layer.dequantized_weight(torch.float32)
             ref = x.float() @ wd.t()
             floor_w = wd.to(cd)
-            floor = timed(lambda: F.linear(x, floor_w), args.repeats)
+            floor = median_seconds(lambda: F.linear(x, floor_w), args.repeats)
             del floor_w
-            full = timed(lambda: F.linear(x, layer.dequantized_weight(cd)), args.repeats)
-            chunked = timed(lambda: kernels.chunked_linear(x, layer.qdata, layer.qtype, layer.scale,
+            full = median_seconds(lambda: F.linear(x, layer.dequantized_weight(cd)), args.repeats)
+            chunked = median_seconds(lambda: kernels.chunked_linear(x, layer.qdata, layer.qtype, layer.scale,
                                                            layer.out_features, None, args.chunk), args.repeats)
             packed = None if args.skip_kernels else pack(layer.qdata, layer.qtype, layer.scale, layer.in_features, layer.out_features, cd)
             kernel_s, err = float("nan"), float("nan")
             if packed is not None:
-                kernel_s = timed(lambda: packed_linear(x, packed, None), args.repeats)
+                kernel_s = median_seconds(lambda: packed_linear(x, packed, None), args.repeats)
                 y = packed_linear(x, packed, None).float()
                 err = ((y - ref).norm() / ref.norm()).item()
             best = min(v for v in (full, chunked, kernel_s) if v == v)

@@ -52,9 +52,9 @@ def cmd_generate(args) -> int:
         cache_threshold=args.cache_threshold,
     )
     seconds = time.perf_counter() - t0
+    compute = str(pipe.compute_plans["transformer"].compute).replace("torch.", "")
     for i, (image, params) in enumerate(zip(result.images, result.parameters)):
         path = out if n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        compute = str(pipe.compute_plans["transformer"].compute).replace("torch.", "")
         save_png(image, path, {**params, "seed": args.seed, "image_index": i, "dtype": args.dtype,
                                "compute_dtype": compute})
         print(f"wrote {path} ({image.width}x{image.height})")

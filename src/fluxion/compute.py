@@ -277,7 +277,7 @@ def use_compute_dtype(model: nn.Module, compute: torch.dtype) -> nn.Module:
                 module.keep_upcast = kind is not nn.Embedding and upcast_bytes <= UPCAST_CACHE_BYTES
             else:
                 module.__class__ = kind
-        for name, p in list(module.named_parameters(recurse=False)):
+        for p in module.parameters(recurse=False):
             if p.ndim <= 1 and p.is_floating_point() and p.dtype != compute:
                 p.data = p.data.to(compute)
         for name, b in list(module.named_buffers(recurse=False)):

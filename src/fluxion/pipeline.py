@@ -218,11 +218,10 @@ class FluxPipeline(LoraMixin):
         target = torch.device(device) if device is not None else (
             torch.device("cuda", gpu_id or 0) if torch.cuda.is_available() else torch.device("cpu")
         )
-        self._offload_device = target if target.type != "cpu" else None
+        self._offload_device = target if target.type != "cpu" else None  # set first: .to() plans for it
         self._release_after_use = target.type == "cpu"
         self.to("cpu")
         self._device = target
-        self.set_compute_dtype(self._compute_override)  # planned for where the parts will run
         return self
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):

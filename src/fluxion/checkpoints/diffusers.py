@@ -85,15 +85,15 @@ def read_config(folder: Path) -> dict:
 def _check_against_config(cfg: dict, folder: Path, store: TensorStore, found: dict) -> None:
     """Where config.json states a size, the tensors must have it: a folder missing a whole block would otherwise
     load as a smaller model. The error names the first missing tensor."""
-    for key, (value, prefix, have) in found.items():
+    for key, (value, prefix) in found.items():  # prefix: the blocks a layer count counts, else None
         said = cfg.get(key)
         if said is None or said == value:
             continue
         hint = ""
-        if prefix is not None and said > have:
+        if prefix is not None and said > value:
             block0 = sorted(k for k in store.keys() if k.startswith(f"{prefix}.0."))
-            first = block0[0].replace(f"{prefix}.0.", f"{prefix}.{have}.", 1) if block0 else f"{prefix}.{have}.*"
-            hint = f": blocks {have}..{said - 1} are missing (first missing tensor: {first})"
+            first = block0[0].replace(f"{prefix}.0.", f"{prefix}.{value}.", 1) if block0 else f"{prefix}.{value}.*"
+            hint = f": blocks {value}..{said - 1} are missing (first missing tensor: {first})"
         raise CheckpointError(f"{folder / 'config.json'} says {key} = {said}, but {store.describe()} has {value}{hint}")
 
 
@@ -113,10 +113,10 @@ def infer_flux_config(store: TensorStore, folder: Path, axes_dim=None) -> FluxCo
     depth_single = 1 + max((int(k.split(".")[1]) for k in keys if k.startswith("single_transformer_blocks.")),
                            default=-1)
     _check_against_config(cfg, folder, store, {
-        "num_layers": (depth, "transformer_blocks", depth),
-        "num_single_layers": (depth_single, "single_transformer_blocks", depth_single),
-        "in_channels": (in_channels, None, None),
-        "joint_attention_dim": (store.shape("context_embedder.weight")[1], None, None),
+        "num_layers": (depth, "transformer_blocks"),
+        "num_single_layers": (depth_single, "single_transformer_blocks"),
+        "in_channels": (in_channels, None),
+        "joint_attention_dim": (store.shape("context_embedder.weight")[1], None),
     })
     block = "transformer_blocks.0" if depth else "single_transformer_blocks.0"
     head_dim = store.shape(f"{block}.attn.norm_q.weight")[0]
@@ -220,9 +220,9 @@ def infer_autoencoder_config(store: TensorStore, folder: Path, **overrides) -> A
         resolution=cfg.get("sample_size", 256) if isinstance(cfg.get("sample_size", 256), int) else 256,
     )
     _check_against_config(cfg, folder, store, {
-        "block_out_channels": ([ch * m for m in ch_mult], None, None),
-        "layers_per_block": (values["num_res_blocks"], None, None),
-        "latent_channels": (values["z_channels"], None, None),
+        "block_out_channels": ([ch * m for m in ch_mult], None),
+        "layers_per_block": (values["num_res_blocks"], None),
+        "latent_channels": (values["z_channels"], None),
     })
     values.update(overrides)
     return AutoEncoderConfig(**values)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import inside
-from .safetensors_file import CheckpointError, SafetensorsFile
+from .safetensors_file import CheckpointError, SafetensorsFile, refuse_integer_weights
 
 
 class TensorStore:
@@ -171,11 +171,8 @@ def release_sources(recipe: Recipe, store: TensorStore) -> None:
 
 def read_tensor(recipe: Recipe, store: TensorStore, dtype: torch.dtype | None) -> Tensor:
     """One model tensor from its stored sources, in `dtype` (None: the first source's stored dtype)."""
-    for s in recipe.sources:  # model weights are floats: integer data would load as garbage (a relabelled file?)
-        if not store.dtype(s).is_floating_point:
-            where = getattr(store, "path", None)
-            raise CheckpointError(f"{str(where) + ': ' if where else ''}tensor {s!r} is stored as {store.dtype(s)}, not a "
-                                  "floating-point type: weights are F32, F16, BF16 or F8 (a relabelled or foreign file?)")
+    for s in recipe.sources:  # also the sources combined raw (fused qkv), which never ask get() for a float
+        refuse_integer_weights(getattr(store, "path", None), s, store.dtype(s))
     target = dtype or store.dtype(recipe.sources[0])
     tensors = [store.get(s, target if recipe.combine == "same" else None) for s in recipe.sources]
     value = recipe.build(tensors).to(target)

@@ -40,6 +40,13 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, truncated or does not fit the model."""
 
 
+def refuse_integer_weights(where, name: str, stored: torch.dtype) -> None:
+    """Model weights are floats: integer data would load as garbage (a relabelled or foreign file)."""
+    if not stored.is_floating_point:
+        raise CheckpointError(f"{str(where) + ': ' if where else ''}tensor {name!r} is stored as {stored}, not a "
+                              "floating-point type: weights are F32, F16, BF16 or F8 (a relabelled or foreign file?)")
+
+
 class SafetensorsFile:
     """One .safetensors file: `keys()`, `shape(name)`, `dtype(name)`, `get(name, dtype=None)`."""
 
@@ -141,9 +148,8 @@ class SafetensorsFile:
     def get(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """The tensor, as a view of the mapping when no conversion is needed, else a converted copy."""
         tdtype, shape, begin, end = self._entry(name)
-        if dtype is not None and dtype.is_floating_point and not tdtype.is_floating_point:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {tdtype}, not a floating-point type: "
-                                  "weights are F32, F16, BF16 or F8 (a relabelled or foreign file?)")
+        if dtype is not None and dtype.is_floating_point:
+            refuse_integer_weights(self.path, name, tdtype)
         if end == begin:
             return torch.empty(shape, dtype=dtype or tdtype)
         mapping = self._mapping()

@@ -4,23 +4,17 @@ at a time into a float tile and multiplies it straight away, so memory never hol
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ggml
 
-FP8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+FP8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fp8 storages (raw bytes) and their dtypes
 # Output rows dequantized per tile: bench/quant_matmul.py --chunk N measured 128/256/512/1024 rows at 3072->12288
 # and 12288->3072; 512 was as fast as the best everywhere (narrow tiles make small, slower matmuls), and bounds
 # the float temporary at 512 x in_features (25 MB at 12288 float32 inputs, against 151 MB for the whole weight).
 CHUNK_ROWS = 512
-
-
-def rows_per_chunk(rows: int | None = None) -> int:
-    return int(rows) if rows else CHUNK_ROWS
 
 
 def dequantize_rows(qdata: Tensor, qtype: str, scale: Tensor | None, in_features: int, dtype: torch.dtype) -> Tensor:
@@ -37,7 +31,7 @@ def chunked_linear(x: Tensor, qdata: Tensor, qtype: str, scale: Tensor | None, o
     """F.linear(x, dequantize(weight), bias), dequantizing `rows` output rows at a time."""
     in_features = x.shape[-1]
     flat = x.reshape(-1, in_features)
-    step = rows_per_chunk(rows)
+    step = int(rows or CHUNK_ROWS)
     if step >= out_features:
         return F.linear(x, dequantize_rows(qdata, qtype, scale, in_features, x.dtype), bias)
     out = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)

@@ -46,10 +46,10 @@ from torch import Tensor, nn
 
 from .. import compute
 from . import ggml, kernels
+from .kernels import FP8
 
 log = logging.getLogger(__name__)
 
-FP8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 ALIASES = {"int8": "int8", "w8a8": "w8a8", "fp8": "F8_E4M3", "fp8_e4m3": "F8_E4M3", "fp8_e5m2": "F8_E5M2",
            "q8": "Q8_0", "q4": "Q4_0"}
 
