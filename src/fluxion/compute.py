@@ -13,7 +13,7 @@ FLUX in bf16). They are *computed* in the dtype the hardware is fast at:
 
 The probe honours the settings that make torch behave as on an AVX2 CPU, so the AVX2 path can be tested
 on an AVX-512 machine: `ONEDNN_MAX_CPU_ISA=AVX2` (oneDNN, which runs torch's bf16 matmuls and convolutions,
-then has no bf16 kernels: measured 2.2 vs 96 GFLOP/s float32 on one thread) and `ATEN_CPU_CAPABILITY=avx2`
+then has no bf16 kernels: `fluxion info --system` under it measures the rates) and `ATEN_CPU_CAPABILITY=avx2`
 (torch's own vectorized kernels). `FLUXION_COMPUTE_DTYPE=float32|bfloat16|auto` overrides the choice, as does
 the pipelines' `compute_dtype=` argument. `fluxion info --system` prints the choice and why.
 """
