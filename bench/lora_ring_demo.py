@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fluxion import FluxPipeline
-from fluxion.pipeline import default_model_dir
+from fluxion.pipelines import default_model_dir
 from fluxion.data.shapes import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, P_MENTION_BACKGROUND, P_MENTION_SIZE, Spec,
                                   format_spec, make_batch, parse_caption, sample_spec)
 from fluxion.eval.prompts import eval_set

@@ -16,7 +16,7 @@ import torch
 
 from fluxion import FluxPipeline
 from fluxion.lora import add_trainable_adapter
-from fluxion.sampling import image_ids, latent_grid, text_ids
+from fluxion.flow import image_ids, latent_grid, text_ids
 
 
 def main() -> None:

@@ -296,9 +296,9 @@ def child(spec: dict) -> dict:
     from fluxion.checkpoints import load_autoencoder, load_transformer
     from fluxion.eval.speed import floor_matmul_rate, flux_step_flops, peak_rss_bytes
     from fluxion.model.text_encoders import CLIPEmbedder, T5Embedder
-    from fluxion.pipeline import FluxPipeline
+    from fluxion.pipelines import FluxPipeline
     from fluxion.png import save_png
-    from fluxion.sampling import SCHNELL_SCHEDULE
+    from fluxion.flow import SCHNELL_SCHEDULE
 
     mon = RssMonitor()
     rate = floor_matmul_rate()  # before loading: the floor's rate, on the same threads

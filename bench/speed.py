@@ -144,7 +144,7 @@ def real_width_models(depth=2, single=2):
 
 
 def section_real(repeats: int, compile_too: bool = True) -> str:
-    from fluxion.sampling import image_ids, text_ids
+    from fluxion.flow import image_ids, text_ids
 
     config, ours, theirs = real_width_models()
     n_img, n_txt = 1024, 512  # 512x512 -> 64x64 latent -> 32x32 packed tokens
@@ -200,9 +200,11 @@ def section_cache(thresholds, n_prompts: int) -> str:
         images, seconds, ran = [], [], []
         for it in items:
             t0 = time.perf_counter()
-            images.append(float_image(pipe, it.prompt, it.seed, **extra))
+            out = pipe(it.prompt, generator=torch.Generator("cpu").manual_seed(it.seed), output_type="np",
+                       **{**MINI_CALL, **extra})
+            images.append(out.images[0])
             seconds.append(time.perf_counter() - t0)
-            stats = pipe.last_cache_stats
+            stats = out.cache_stats
             ran.append(stats["steps"] - stats["skipped"])
         return images, float(np.median(seconds)), float(np.mean(ran))
 

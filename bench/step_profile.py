@@ -16,7 +16,7 @@ from torch.profiler import profile
 
 from fluxion import load_transformer
 from fluxion.eval.speed import floor_matmul_rate, flux_step_flops
-from fluxion.sampling import image_ids, text_ids
+from fluxion.flow import image_ids, text_ids
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 from fluxion.checkpoints import load_autoencoder
 from fluxion.data.shapes import BACKGROUNDS
 from fluxion.eval.autoencoder import colour_round_trip
-from fluxion.pipeline import default_model_dir
+from fluxion.pipelines import default_model_dir
 
 
 def main() -> None:

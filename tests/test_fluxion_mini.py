@@ -8,7 +8,7 @@ from PIL import Image
 
 from fluxion import FluxPipeline
 from fluxion.eval.scorer import score
-from fluxion.pipeline import default_model_dir
+from fluxion.pipelines import default_model_dir
 
 MINI = Path(__file__).resolve().parents[1] / "models" / "fluxion-mini"
 EASY = [  # (prompt, seed): canonical prompts the shipped model gets right in `fluxion eval` (see README)

@@ -77,7 +77,7 @@ def assert_same_images(pipes, seed=None, **kwargs):
 def packed_latents(n, h, w, seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, LATENT_CH, h // VAE_SCALE, w // VAE_SCALE, generator=g)
-    return fluxion.sampling.pack(z)
+    return fluxion.flow.pack(z)
 
 
 # ---------------------------------------------------------------- parity

@@ -1,4 +1,4 @@
-"""fluxion.sampling: the shifted schedule equals diffusers' FlowMatchEulerDiscreteScheduler; 2x2 packing."""
+"""fluxion.flow: the shifted schedule equals diffusers' FlowMatchEulerDiscreteScheduler; 2x2 packing."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fixtures import DEV_SCHEDULER_CONFIG, SCHNELL_SCHEDULER_CONFIG
-from fluxion.sampling import DEV_SCHEDULE, SCHNELL_SCHEDULE, ScheduleConfig, get_schedule, pack, unpack
+from fluxion.flow import DEV_SCHEDULE, SCHNELL_SCHEDULE, ScheduleConfig, get_schedule, pack, unpack
 
 RESOLUTIONS = [(256, 256), (512, 512), (768, 1360), (1024, 1024)]
 STEPS = [1, 4, 28, 50]

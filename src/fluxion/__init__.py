@@ -19,7 +19,7 @@ __all__ = [
 
 def __getattr__(name):  # the pipeline pulls in transformers: import it only when asked for
     if name == "FluxPipeline":
-        from .pipeline import FluxPipeline
+        from .pipelines import FluxPipeline
 
         return FluxPipeline
     raise AttributeError(name)

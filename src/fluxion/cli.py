@@ -23,7 +23,7 @@ def _torch_dtype(name: str):
 def cmd_generate(args) -> int:
     import torch
 
-    from .pipeline import FluxPipeline, default_model_dir
+    from .pipelines import FluxPipeline, default_model_dir
     from .png import save_png
 
     model = args.model or str(default_model_dir())

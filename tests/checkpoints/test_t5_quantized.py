@@ -19,7 +19,7 @@ from transformers import T5Config, T5EncoderModel
 from fluxion.checkpoints import CheckpointError, write_gguf
 from fluxion.checkpoints.t5 import gguf_name, load_t5_encoder, write_t5_gguf
 from fluxion.model.text_encoders import T5Embedder
-from fluxion.pipeline import REPO_ROOT
+from fluxion.pipelines.base import REPO_ROOT
 from fluxion.quant import QuantEmbedding, QuantLinear
 from fluxion.quant.linear import quantize_fp8
 from tiny_quant import rel_err, tiny_model

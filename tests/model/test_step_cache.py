@@ -1,12 +1,12 @@
-"""Reuse across sampling steps: exact reuse of the text projection and RoPE table, and the first-block cache."""
+"""StepRunner: exact reuse of the text projection, RoPE table and all-steps modulation, and the first-block cache."""
 import numpy as np
 import pytest
 import torch
 
 from fluxion import FluxPipeline
-from fluxion.model.step_cache import StepCache
+from fluxion.model.step_runner import StepRunner
 from fluxion.model.transformer import FluxConfig, FluxTransformer
-from fluxion.sampling import image_ids, text_ids
+from fluxion.flow import image_ids, text_ids
 
 CONFIG = FluxConfig(in_channels=16, vec_in_dim=12, context_in_dim=20, hidden_size=32, num_heads=2, depth=2,
                     depth_single_blocks=2, axes_dim=(4, 6, 6), guidance_embed=False)
@@ -22,6 +22,10 @@ def model():
     return m
 
 
+def step(runner, i, img, img_ids, txt, txt_ids, timesteps, y):
+    return runner(i, img, img_ids, txt, txt_ids, timesteps, y)
+
+
 def inputs(seed=0, batch=2):
     g = torch.Generator().manual_seed(seed)
     return dict(img=torch.randn(batch, 16, 16, generator=g), img_ids=image_ids(8, 8),
@@ -32,40 +36,40 @@ def inputs(seed=0, batch=2):
 @torch.no_grad()
 def test_reused_text_projection_and_rope_change_nothing(model):
     x = inputs()
-    cache = StepCache()
+    cache = StepRunner(model)
     ref = model(**x)
     for t in (0.9, 0.4):  # later steps: new timesteps and latents, same prompt tensors
         x2 = dict(x, timesteps=torch.full((2,), t), img=x["img"] * t)
-        assert torch.equal(model(**x2, cache=cache), model(**x2))
-    assert torch.equal(model(**x, cache=cache), ref)
+        assert torch.equal(step(cache, 0, **x2), model(**x2))
+    assert torch.equal(step(cache, 0, **x), ref)
     # A new prompt tensor is recomputed, never served stale.
     other = dict(x, txt=torch.randn(2, 5, 20))
-    assert torch.equal(model(**other, cache=cache), model(**other))
+    assert torch.equal(step(cache, 0, **other), model(**other))
     assert cache.stats["skipped"] == 0
 
 
 @torch.no_grad()
 def test_fbcache_skips_when_the_first_block_barely_changes(model):
     x = inputs(1)
-    cache = StepCache(threshold=0.05)
-    full = model(**x, cache=cache)
+    cache = StepRunner(model, threshold=0.05)
+    step(cache, 0, **x)
     nudged = dict(x, img=x["img"] * (1 + 1e-4))  # a tiny change: the first residual moves far below 5%
-    reused = model(**nudged, cache=cache)
+    reused = step(cache, 1, **nudged)
     assert cache.stats == {"steps": 2, "skipped": 1}
     assert not torch.equal(reused, model(**nudged))  # the later blocks were not run...
     assert torch.allclose(reused, model(**nudged), atol=1e-2)  # ...and their cached residual stands in well
     moved = dict(x, img=torch.randn(2, 16, 16))  # a large change recomputes everything
-    assert torch.equal(model(**moved, cache=cache), model(**moved))
+    assert torch.allclose(step(cache, 2, **moved), model(**moved), atol=1e-6)
     assert cache.stats == {"steps": 3, "skipped": 1}
 
 
 @torch.no_grad()
 def test_fbcache_compares_with_the_last_full_step_not_the_last_step(model):
     x = inputs(2)
-    cache = StepCache(threshold=0.05)
-    model(**x, cache=cache)
+    cache = StepRunner(model, threshold=0.05)
+    step(cache, 0, **x)
     for k in range(1, 40):  # small drifts that add up: once past the threshold, a full step must run
-        model(**dict(x, img=x["img"] * (1 + 0.01 * k)), cache=cache)
+        step(cache, k, **dict(x, img=x["img"] * (1 + 0.01 * k)))
     assert 0 < cache.stats["skipped"] < 39
 
 
@@ -74,10 +78,10 @@ def test_pipeline_fbcache_runs_fewer_full_steps_and_records_it(tiny_schnell_dir)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(height=32, width=32, num_inference_steps=12, max_sequence_length=16, output_type="np")
     base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw)
-    assert pipe.last_cache_stats == {"steps": 12, "skipped": 0}
+    assert base.cache_stats == {"steps": 0, "skipped": 0}  # caching off: nothing counted
     cached = pipe("a red circle", generator=torch.Generator().manual_seed(0), cache="fbcache", cache_threshold=0.9,
                   **kw)
-    assert pipe.last_cache_stats["skipped"] > 0
+    assert cached.cache_stats["steps"] == 12 and cached.cache_stats["skipped"] > 0
     assert cached.parameters[0]["cache"] == "fbcache:0.9" and base.parameters[0]["cache"] is None
     assert not np.array_equal(cached.images, base.images)
     assert np.abs(cached.images - base.images).mean() < 0.1
@@ -102,10 +106,10 @@ def test_bad_cache_arguments_fail_before_sampling(tiny_schnell_dir, kw, match, m
 def test_conditioning_computed_for_all_steps_at_once_matches_per_step(model):
     x = inputs(3)
     steps = [1.0, 0.75, 0.5, 0.25]
-    cache = StepCache(timesteps=steps)
-    for t in steps + [0.6]:  # 0.6 is not a planned step: computed on its own
+    cache = StepRunner(model, timesteps=steps)
+    for i, t in enumerate(steps + [0.6]):  # step 4 is not a planned step: computed on its own
         xt = dict(x, timesteps=torch.full((2,), t), img=x["img"] * t)
-        assert torch.allclose(model(**xt, cache=cache), model(**xt), rtol=1e-5, atol=1e-5)  # batched matmul rounding
-    vec, mods = model.step_conditioning(torch.full((2,), 0.5), x["y"], None, cache)
+        assert torch.allclose(step(cache, i, **xt), model(**xt), rtol=1e-5, atol=1e-5)  # batched matmul rounding
+    vec, mods = cache._conditioning(2, torch.full((2,), 0.5), x["y"], None, 2)
     assert torch.allclose(vec, model.conditioning(torch.full((2,), 0.5), x["y"], None), atol=1e-6)
     assert len(mods) == CONFIG.depth + CONFIG.depth_single_blocks + 1

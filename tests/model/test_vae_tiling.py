@@ -238,7 +238,7 @@ def test_bad_tile_geometry(ours):
 
 @torch.no_grad()
 def test_pipeline_switches(tiny_dev_dir):
-    from fluxion.sampling import pack
+    from fluxion.flow import pack
 
     pipe = fluxion.FluxPipeline.from_pretrained(tiny_dev_dir, torch_dtype=torch.float32)
     z = latents((1, 4, 24, 40), seed=5)  # 48 x 80 px > the tiny VAE's 32 px tile

@@ -39,7 +39,7 @@ def time_single_image(pipe, prompt: str, repeats: int = 10, **call_kwargs) -> fl
 def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | None = None, steps: int | None = None,
              guidance: float | None = None, cache: str | None = None, cache_threshold: float | None = None,
              quantize: str | None = None, true_cfg: float | None = None) -> dict:
-    from ..pipeline import FluxPipeline
+    from ..pipelines import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(model, quantize=quantize)
     pipe.set_progress_bar_config(disable=True)

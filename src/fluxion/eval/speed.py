@@ -119,7 +119,7 @@ def run_bench(model: str | None = None, dtype=torch.bfloat16, threads: int | Non
               cache_threshold: float = 0.2, size: int | None = None) -> str:
     """`fluxion bench`: fluxion's own timings on a model (default fluxion-mini) at its default settings."""
     from ..eval.prompts import eval_set
-    from ..pipeline import FluxPipeline
+    from ..pipelines import FluxPipeline
 
     if threads:
         torch.set_num_threads(threads)
@@ -138,9 +138,10 @@ def run_bench(model: str | None = None, dtype=torch.bfloat16, threads: int | Non
                                           {"cache": "fbcache", "cache_threshold": cache_threshold})):
         s = step_seconds(pipe, prompts[0], generator=gen(), **call)
         rows.append([name, f"{1000 * s:.2f}", ""])
-    cached = median_seconds(lambda: pipe(prompts[0], generator=gen(), cache="fbcache", cache_threshold=cache_threshold),
-                            repeats)
-    rows.append([f"batch 1, fbcache {cache_threshold:g} ({pipe.last_cache_stats['skipped']}/{steps} steps reused)",
+    stats = {}
+    cached = median_seconds(lambda: stats.update(pipe(prompts[0], generator=gen(), cache="fbcache",
+                                                      cache_threshold=cache_threshold).cache_stats), repeats)
+    rows.append([f"batch 1, fbcache {cache_threshold:g} ({stats['skipped']}/{steps} steps reused)",
                  f"{1000 * cached:.1f}", f"{1 / cached:.1f}"])
     title = (f"fluxion bench: {pipe.model_path}, {str(dtype).replace('torch.', '')}, {steps} steps, "
              f"{torch.get_num_threads()} threads; peak RSS {peak_rss_mib():.0f} MiB")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ..compute import compute_dtype_of
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, position_table, timestep_embedding
-from .step_cache import StepCache
 
 
 @dataclass
@@ -117,31 +118,17 @@ class FluxTransformer(nn.Module):
         out = [(b.img_mod(vec), b.txt_mod(vec)) for b in self.double_blocks]
         return out + [b.modulation(vec) for b in self.single_blocks] + [self.final_layer.modulation(vec)]
 
-    def step_conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, cache: StepCache | None):
-        """(vec, modulations or None) for this call.
-
-        When the cache knows every step's timestep ahead, the conditioning of all steps is computed in one
-        batched pass on the first call and looked up after that: at batch 1 the modulation weights (a quarter
-        of FLUX.1's parameters) are then read once per image instead of once per step.
-        """
-        if cache is None or not cache.timesteps or bool((timesteps != timesteps[0]).any()):
-            return self.conditioning(timesteps, y, guidance), None
-
-        def all_steps():
-            ts = torch.as_tensor(cache.timesteps, dtype=timesteps.dtype, device=timesteps.device)  # as the sampler rounds
-            s = len(ts)
-            g = None if guidance is None else guidance.repeat(s)
-            vec = self.conditioning(ts.repeat_interleave(y.shape[0]), y.repeat(s, 1), g)
-            return ts, vec, self.modulations(vec)
-
-        found = cache.conditioning(timesteps, y, guidance, all_steps)
-        return found if found is not None else (self.conditioning(timesteps, y, guidance), None)
-
     @staticmethod
     def _checkpointed(block, *args):
         from torch.utils.checkpoint import checkpoint
 
         return checkpoint(block, *args, use_reentrant=False)
+
+    def text_and_positions(self, txt: Tensor, txt_ids: Tensor, img_ids: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """(txt_in(txt), RoPE table of the joint [txt, img] sequence): the parts of a step that depend only on
+        the prompt and the token layout (a sampler may compute them once per image)."""
+        pe = position_table(join_ids(txt_ids, img_ids, batch), self.config.axes_dim, self.config.theta)
+        return self.txt_in(txt.to(self.compute_dtype)), pe
 
     def forward(
         self,
@@ -152,44 +139,90 @@ class FluxTransformer(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
-        cache: StepCache | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+        residuals: BlockResiduals | None = None,
+        prepared: Prepared | None = None,
     ) -> Tensor:
-        """Velocity for packed latents `img` [B, N, in_channels]; `cache` carries reuse across sampling steps."""
+        """Velocity for packed latents `img` [B, N, in_channels] (the noisy tokens, with any conditioning
+        channels already concatenated: Fill, Control); output [B, N, out_channels].
+
+        Extension points: `attn_mask` (bool over the joint [txt, img] sequence, True = may attend: regional
+        prompts), `residuals` (added to the image stream after blocks: ControlNets), `prepared` (conditioning,
+        text projection and RoPE table computed ahead by a sampler: `fluxion.model.step_runner`).
+        """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, N, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
         batch = img.shape[0]
-        timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
-        if guidance is not None:
-            guidance = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
-        vec, mods = self.step_conditioning(timesteps, y, guidance, cache)
-        mods = mods or [None] * (len(self.double_blocks) + len(self.single_blocks) + 1)
+        if prepared is None:
+            vec = self.conditioning(_per_item(timesteps, batch), y, None if guidance is None else _per_item(guidance, batch))
+            prepared = Prepared(vec, None, *self.text_and_positions(txt, txt_ids, img_ids, batch))
         img = self.img_in(img.to(self.compute_dtype))
+        img, txt = self.double_stream(img, prepared, attn_mask, residuals)
+        img = self.single_stream(img, txt, prepared, attn_mask, residuals)
+        return self.final_layer(img, prepared.vec, prepared.mod(-1))
 
-        def text_and_positions():
-            pe = position_table(join_ids(txt_ids, img_ids, batch), self.config.axes_dim, self.config.theta)
-            return self.txt_in(txt.to(self.compute_dtype)), pe
-
-        txt, pe = cache.text_and_positions(txt, txt_ids, img_ids, text_and_positions) if cache else text_and_positions()
-
+    def double_stream(self, img: Tensor, p: Prepared, attn_mask=None, residuals=None, start: int = 0,
+                      stop: int | None = None, txt: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Double blocks start..stop on (img, txt); txt defaults to the projected prompt in `p`."""
         run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
-        depth = len(self.double_blocks)
-        img_before, first_residual = img, None
-        img, txt = run(self.double_blocks[0], img, txt, vec, pe, mods[0])
-        if cache is not None:
-            first_residual = img - img_before if cache.first_block_caching else None  # caching off: skip it
-            cached_rest = cache.reusable_rest(first_residual)
-            if cached_rest is not None:
-                return self.final_layer(img + cached_rest, vec, mods[-1])
-            img_before = img
-        for block, mod in zip(self.double_blocks[1:], mods[1:depth]):
-            img, txt = run(block, img, txt, vec, pe, mod)
+        txt = p.txt if txt is None else txt
+        for i in range(start, len(self.double_blocks) if stop is None else stop):
+            img, txt = run(self.double_blocks[i], img, txt, p.vec, p.pe, p.mod(i), attn_mask)
+            if residuals is not None:
+                img = residuals.after_double(i, len(self.double_blocks), img)
+        return img, txt
+
+    def single_stream(self, img: Tensor, txt: Tensor, p: Prepared, attn_mask=None, residuals=None) -> Tensor:
+        """Single blocks over the joint [txt, img] sequence; returns the image tokens."""
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
+        n_txt, depth = txt.shape[1], len(self.double_blocks)
         x = torch.cat([txt, img], dim=1)
-        for block, mod in zip(self.single_blocks, mods[depth:-1]):
-            x = run(block, x, vec, pe, mod)
-        img = x[:, txt.shape[1] :]
-        if first_residual is not None:
-            cache.store(first_residual, img - img_before)
-        return self.final_layer(img, vec, mods[-1])
+        for i, block in enumerate(self.single_blocks):
+            x = run(block, x, p.vec, p.pe, p.mod(depth + i), attn_mask)
+            if residuals is not None:
+                x = torch.cat([x[:, :n_txt], residuals.after_single(i, len(self.single_blocks), x[:, n_txt:])], 1)
+        return x[:, n_txt:]
+
+
+@dataclass
+class Prepared:
+    """What a step computes before the blocks: the modulation vector `vec`, optionally every block's
+    modulations `mods` (in call order, see `FluxTransformer.modulations`), the projected text and RoPE table."""
+
+    vec: Tensor
+    mods: list | None
+    txt: Tensor
+    pe: Tensor
+
+    def mod(self, i: int):
+        return None if self.mods is None else self.mods[i]
+
+
+@dataclass
+class BlockResiduals:
+    """Additions to the image stream after blocks (ControlNet outputs, already scaled).
+
+    Double block i gets `double[i % n]` when `repeat` (XLabs) else `double[i // ceil(depth / n)]` (InstantX,
+    Union); single block i gets `single[i // ceil(depth / n)]` on its image tokens only."""
+
+    double: list[Tensor] = field(default_factory=list)
+    single: list[Tensor] = field(default_factory=list)
+    repeat: bool = False
+
+    def after_double(self, i: int, depth: int, img: Tensor) -> Tensor:
+        n = len(self.double)
+        if not n:
+            return img
+        return img + self.double[i % n if self.repeat else i // math.ceil(depth / n)].to(img.dtype)
+
+    def after_single(self, i: int, depth: int, img: Tensor) -> Tensor:
+        n = len(self.single)
+        return img if not n else img + self.single[i // math.ceil(depth / n)].to(img.dtype)
+
+
+def _per_item(values: Tensor, batch: int) -> Tensor:
+    return values.reshape(-1).expand(batch) if values.numel() == 1 else values
 
 
 def _call(block, *args):

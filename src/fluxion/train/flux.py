@@ -17,11 +17,10 @@ from ..data.shapes import caption, sample_scene
 from ..data.tokenizers import build_clip_tokenizer, build_word_t5_tokenizer, clip_special_ids
 from ..model.text_encoders import CLIPEmbedder, T5Embedder
 from ..model.transformer import FluxConfig, FluxTransformer
-from ..pipeline import FluxPipeline, PipelineDefaults
-from ..sampling import SCHNELL_SCHEDULE, image_ids, pack, text_ids
+from ..pipelines import FluxPipeline, PipelineDefaults
+from ..flow import SCHNELL_SCHEDULE, flow_loss, image_ids, noised, pack, sample_sigmas, text_ids, velocity_target
 from .autoencoder import grid, images_to_tensor
 from .config import TrainConfig
-from .flow import flow_loss, interpolate, sample_sigmas, velocity_target
 
 SCHEDULER_CONFIG = {  # schnell-style: no resolution shift (the mini model works at one size)
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -122,7 +121,7 @@ class FluxTask:
         sigma = sample_sigmas(len(captions), cfg.timestep_sampling, generator, cfg.logit_mean, cfg.logit_std)
         sigma = sigma.to(self.device)
         txt, pooled = self.encode_text(self.model, captions)
-        pred = self.model["transformer"](interpolate(x0, noise, sigma), self.img_ids, txt, self.txt_ids, sigma, pooled)
+        pred = self.model["transformer"](noised(x0, noise, sigma), self.img_ids, txt, self.txt_ids, sigma, pooled)
         return flow_loss(pred, velocity_target(x0, noise), sigma, cfg.loss_weighting), {}
 
     def pipeline(self, model: nn.ModuleDict) -> FluxPipeline:

@@ -32,10 +32,9 @@ from ..compute import resolve_bf16_autocast
 from ..files import inside, read_text
 from ..images import load_image
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
-from ..sampling import image_ids, latent_grid, pack, text_ids
+from ..flow import flow_loss, image_ids, latent_grid, noised, pack, sample_sigmas, text_ids, velocity_target
 from .autoencoder import grid
 from .config import check_numbers
-from .flow import flow_loss, interpolate, sample_sigmas, velocity_target
 from .run import save_image_atomic, step_generator
 from .state import check_resume, load_checkpoint, save_atomic
 
@@ -143,7 +142,7 @@ def load_images(pairs, resolution: int) -> torch.Tensor:
 
 
 def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | None = None) -> Path:
-    from ..pipeline import FluxPipeline
+    from ..pipelines import FluxPipeline
 
     pairs = read_dataset(cfg.data, cfg.instance_prompt)  # bad input fails before any model loads
     class_batch = cfg.batch_size if cfg.class_batch_size is None else cfg.class_batch_size
@@ -259,7 +258,7 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
             noise = torch.randn(x0.shape, generator=gen)
             sigma = sample_sigmas(n, cfg.timestep_sampling, gen, cfg.logit_mean, cfg.logit_std)
             g = torch.full((n,), cfg.guidance_scale) if transformer.config.guidance_embed else None
-            x_t = interpolate(x0, noise, sigma)
+            x_t = noised(x0, noise, sigma)
             with autocast:
                 pred = transformer(x_t, img_ids, txt, txt_ids, sigma, vec, g)
             target = velocity_target(x0, noise)

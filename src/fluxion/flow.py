@@ -1,4 +1,9 @@
-"""Rectified-flow sampling: FLUX's shifted schedule, 2x2 latent packing, position ids, the Euler loop."""
+"""Rectified flow, the maths both sampling and training use.
+
+A clean latent x0 and noise n meet on the straight line x_sigma = (1 - sigma) x0 + sigma n; the model predicts
+the velocity n - x0; sampling walks sigma from 1 (or from an img2img start) down to 0 with Euler steps on FLUX's
+shifted schedule. Also here: 2x2 latent packing and the position ids of packed tokens.
+"""
 from __future__ import annotations
 
 import math
@@ -71,6 +76,12 @@ def get_schedule(
     return torch.cat([t, torch.zeros(1, dtype=t.dtype)]).float()
 
 
+def strength_start(num_steps: int, strength: float) -> int:
+    """Index of the first step an img2img run keeps, as diffusers cuts: t_start = int(max(N - min(N*s, N), 0))
+    (truncation); the schedule is shifted for all N steps first, then cut."""
+    return int(max(num_steps - min(num_steps * strength, num_steps), 0))
+
+
 # ---------------------------------------------------------------- latents
 
 
@@ -93,10 +104,12 @@ def unpack(x: Tensor, latent_height: int, latent_width: int) -> Tensor:
     return x.reshape(b, d // 4, latent_height, latent_width)
 
 
-def image_ids(latent_height: int, latent_width: int, device=None) -> Tensor:
-    """[h*w, 3] ids (0, row, col) of the packed token grid."""
+def image_ids(latent_height: int, latent_width: int, device=None, index: int = 0) -> Tensor:
+    """[h*w, 3] ids (index, row, col) of the packed token grid; index 0 for the image being made, 1 for
+    Kontext's reference tokens."""
     h, w = latent_height // 2, latent_width // 2
     ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 0] = index
     ids[..., 1] = torch.arange(h, device=device)[:, None]
     ids[..., 2] = torch.arange(w, device=device)[None, :]
     return ids.reshape(h * w, 3)
@@ -131,6 +144,16 @@ def initial_noise(
     return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
 
+# ---------------------------------------------------------------- the line between data and noise
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
+    """x_sigma = sigma * noise + (1 - sigma) * x0 (diffusers' scale_noise), sigma per batch item or one value."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device)
+    s = s.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype) if s.ndim else s.to(x0.dtype)
+    return s * noise + (1 - s) * x0
+
+
 # ---------------------------------------------------------------- the Euler loop
 
 Velocity = Callable[[Tensor, Tensor, int], Tensor]  # (x, t [B], step index) -> v
@@ -156,3 +179,38 @@ def euler(
         if on_step is not None:
             x = on_step(i, x)
     return x
+
+
+# ---------------------------------------------------------------- training: noise levels, target, loss
+
+
+def sample_sigmas(n: int, method: str = "logit_normal", generator: torch.Generator | None = None,
+                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
+    """Noise levels in (0, 1) drawn by density: uniform, logit-normal (SD3's default) or 'mode'."""
+    if method == "uniform":
+        return torch.rand(n, generator=generator)
+    if method == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
+    if method == "mode":
+        u = torch.rand(n, generator=generator)
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    raise ValueError(f"unknown timestep sampling {method!r}: use uniform, logit_normal or mode")
+
+
+def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+    return noise - x0
+
+
+def loss_weights(sigma: Tensor, scheme: str = "none") -> Tensor:
+    if scheme == "none":
+        return torch.ones_like(sigma)
+    if scheme == "sigma_sqrt":
+        return sigma.clamp_min(1e-4) ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    raise ValueError(f"unknown loss weighting {scheme!r}: use none, sigma_sqrt or cosmap")
+
+
+def flow_loss(pred: Tensor, target: Tensor, sigma: Tensor, scheme: str = "none") -> Tensor:
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (loss_weights(sigma, scheme) * per_sample).mean()

@@ -1,0 +1,689 @@
+"""What every FLUX pipeline shares: loading (`from_pretrained`, `from_pipe`), placement and offload, prompt
+encoding, image encoding, decoding, output and metadata, and the argument checks common to all variants.
+
+Each variant (text2image, img2img, inpaint, fill, control, kontext) is a small module that checks its own
+inputs, prepares the latents and conditioning in diffusers' order, and runs `core.denoise`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..checkpoints import CheckpointError, load_autoencoder, load_transformer
+from ..checkpoints.pages import release_pages, stream_blocks
+from ..compute import DtypePlan, log_once, parse_dtype, plan, storage_dtype, use_compute_dtype
+from ..flow import (
+    DEV_SCHEDULE, ScheduleConfig, get_schedule, image_ids, initial_noise, latent_grid, pack, strength_start, text_ids,
+    unpack,
+)
+from ..lora.pipeline_mixin import LoraMixin
+from ..model.autoencoder import AutoEncoder
+from ..model.text_encoders import CLIPEmbedder, T5Embedder, load_tokenizer
+from ..model.transformer import FluxTransformer
+from . import guidance as G
+from .core import DenoiseInputs, TextConditioning, denoise
+
+log = logging.getLogger(__name__)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PART_NAMES = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+
+
+def default_model_dir() -> Path:
+    """The shipped fluxion-mini, or $FLUXION_MODEL."""
+    return Path(os.environ.get("FLUXION_MODEL", REPO_ROOT / "models" / "fluxion-mini"))
+
+
+def _weights_dtype(value) -> torch.dtype:
+    """torch_dtype as diffusers takes it (a torch dtype), or its name ("bfloat16", "torch.float16")."""
+    if isinstance(value, str):
+        value = getattr(torch, value.strip().removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating-point torch dtype such as torch.bfloat16 (or its name), "
+                         f"got {value!r}")
+    return value
+
+
+@dataclass
+class PipelineDefaults:
+    """Call defaults: diffusers' values for each pipeline class (its `CALL_DEFAULTS`), except
+    max_sequence_length 256 for schnell-style models; a model folder may set its own in model_index.json under
+    `_fluxion_defaults` (fluxion-mini does), which win."""
+
+    sample_size: int = 128  # in latent pixels; x vae_scale_factor gives the image side
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    max_sequence_length: int = 512
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None  # used with true_cfg_scale > 1 when the call gives none
+    strength: float = 0.6  # img2img, inpainting, Fill
+
+    @classmethod
+    def for_model(cls, guidance_embed: bool, **overrides) -> "PipelineDefaults":
+        return cls(**{"max_sequence_length": 512 if guidance_embed else 256, **overrides})
+
+
+@dataclass
+class FluxPipelineOutput:
+    images: list[Image.Image] | np.ndarray | Tensor
+    parameters: list[dict] = field(default_factory=list)  # generation parameters, one dict per image
+    cache_stats: dict = field(default_factory=dict)  # steps seen / reused by the step cache in this call
+
+
+@dataclass
+class CallArgs:
+    """One call's common arguments with defaults filled in and checked (`FluxBasePipeline._common_args`)."""
+
+    prompt: str | list[str] | None
+    prompt_2: str | list[str] | None
+    negative_prompt: str | list[str] | None
+    negative_prompt_2: str | list[str] | None
+    true_cfg_scale: G.GuidanceValue
+    height: int
+    width: int
+    num_inference_steps: int
+    sigmas: list[float] | None
+    guidance_scale: G.GuidanceValue
+    num_images_per_prompt: int
+    generator: torch.Generator | list[torch.Generator] | None
+    latents: Tensor | None
+    prompt_embeds: Tensor | None
+    pooled_prompt_embeds: Tensor | None
+    negative_prompt_embeds: Tensor | None
+    negative_pooled_prompt_embeds: Tensor | None
+    output_type: str
+    return_dict: bool
+    callback_on_step_end: Callable | None
+    max_sequence_length: int
+    cache_threshold: float
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    strength: float = 1.0  # img2img, inpainting, Fill: how far down the schedule to start
+    batch: int = 1  # prompts
+
+    @property
+    def total(self) -> int:
+        return self.batch * self.num_images_per_prompt
+
+    @property
+    def do_true_cfg(self) -> bool:
+        has_negative = self.negative_prompt is not None or self.negative_prompt_embeds is not None
+        return has_negative and G.may_exceed_one(self.true_cfg_scale)
+
+    def generator_at(self, i: int):
+        return self.generator[i] if isinstance(self.generator, list) else self.generator
+
+
+class FluxBasePipeline(LoraMixin):
+    CALL_DEFAULTS: dict = {}  # diffusers' call defaults of this class, over PipelineDefaults' (the folder's win)
+
+    def __init__(
+        self,
+        transformer: FluxTransformer,
+        vae: AutoEncoder,
+        text_encoder: CLIPEmbedder,
+        text_encoder_2: T5Embedder,
+        schedule: ScheduleConfig = DEV_SCHEDULE,
+        defaults: PipelineDefaults | dict | None = None,
+        model_path: str | None = None,
+        compute_dtype: str | torch.dtype | None = None,
+    ):
+        self.transformer = transformer
+        self.vae = vae
+        self.clip = text_encoder
+        self.t5 = text_encoder_2
+        self.schedule = schedule
+        self._folder_defaults = {} if isinstance(defaults, PipelineDefaults) or defaults is None else dict(defaults)
+        self.defaults = defaults if isinstance(defaults, PipelineDefaults) else PipelineDefaults.for_model(
+            transformer.config.guidance_embed, **{**self.CALL_DEFAULTS, **self._folder_defaults})
+        self.model_path = model_path
+        self._device = torch.device("cpu")
+        self._offload_device: torch.device | None = None
+        self._release_after_use = False  # CPU offload: give back each part's mapped file pages after it runs
+        self._block_hooks: list = []  # CPU sequential offload: per-block page release hooks
+        self._progress = {"disable": False}
+        self._cache: tuple[str | None, float | None] = (None, None)  # set by enable_cache
+        self.set_compute_dtype(compute_dtype)
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """A variant refuses a transformer it cannot drive (overridden where the channel layout differs)."""
+        c = self.transformer.config
+        if c.in_channels != c.out_channels:
+            from . import model_kind_hint
+
+            raise ValueError(f"{type(self).__name__} drives {c.out_channels}-channel models; this transformer takes "
+                             f"{c.in_channels} input channels: {model_kind_hint(c)}")
+
+    # ------------------------------------------------------------ parts, as diffusers names them
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.clip.model
+
+    @property
+    def tokenizer(self):
+        return self.clip.tokenizer
+
+    @property
+    def text_encoder_2(self) -> torch.nn.Module:
+        return self.t5.model
+
+    @property
+    def tokenizer_2(self):
+        return self.t5.tokenizer
+
+    @property
+    def scheduler(self) -> ScheduleConfig:
+        return self.schedule
+
+    @property
+    def components(self) -> dict:
+        """The loaded parts under diffusers' names (pass them to another pipeline's `from_pretrained`)."""
+        return {name: getattr(self, name) for name in PART_NAMES}
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.clip.model,
+                "text_encoder_2": self.t5.model}
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+        compute_dtype: str | torch.dtype | None = None,
+        **kwargs,
+    ):
+        """Load a diffusers-layout FLUX folder (model_index.json, transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/).
+
+        With no path, the shipped fluxion-mini. Weights load in float32 unless a dtype is given (as diffusers).
+        `quantize` ("int8", "w8a8", "fp8", "q8_0", "q4_0", ...) quantizes the transformer while loading.
+        `compute_dtype` ("auto", "float32", "bfloat16"): see `set_compute_dtype`.
+        As in diffusers, any part (`transformer=`, `vae=`, `text_encoder=`, `tokenizer=`, `text_encoder_2=`,
+        `tokenizer_2=`, `scheduler=`) may be given instead of read from the folder: a loaded model, or for the
+        transformer, VAE and T5 also a file (e.g. `transformer="flux1-dev-Q4_0.gguf"`).
+        """
+        parse_dtype(compute_dtype)  # a bad value fails before anything loads
+        parts = {k: kwargs.pop(k) for k in PART_NAMES if kwargs.get(k) is not None}
+        root = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path else default_model_dir()
+        if not root.is_dir():
+            hint = " (fluxion reads local folders only; no weights are downloaded)" if "/" in str(root) else ""
+            raise CheckpointError(f"{root}: no such model folder{hint}")
+        for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            if sub not in parts and not (root / sub).is_dir():
+                raise CheckpointError(f"{root}: missing {sub}/ (a diffusers FLUX folder has transformer/, vae/, "
+                                      "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+        ignored = set(kwargs) - {"use_safetensors", "local_files_only", "variant", "low_cpu_mem_usage", "revision"}
+        if ignored:
+            log.warning("from_pretrained ignores %s", sorted(ignored))
+        schedule = _schedule_of(parts.get("scheduler"), root / "scheduler" / "scheduler_config.json")
+        index = root / "model_index.json"
+        try:
+            extra = json.loads(index.read_text()).get("_fluxion_defaults", {}) if index.is_file() else {}
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid model_index.json ({e})") from None
+        known = {f.name for f in fields(PipelineDefaults)}
+        if not isinstance(extra, dict) or set(extra) - known:
+            raise CheckpointError(f"{index}: _fluxion_defaults may set {sorted(known)}, got {extra!r}")
+        wdtype = _weights_dtype(dtype or torch_dtype or torch.float32)
+        transformer = parts.get("transformer", root / "transformer")
+        if isinstance(transformer, (str, os.PathLike)):
+            transformer = load_transformer(transformer, wdtype, quantize=quantize)
+        cls._check_transformer_early(transformer.config)
+        vae = parts.get("vae", root / "vae")
+        vae = load_autoencoder(vae, wdtype) if isinstance(vae, (str, os.PathLike)) else vae
+        clip = _text_part(CLIPEmbedder, parts.get("text_encoder"), parts.get("tokenizer"),
+                          root / "text_encoder", root / "tokenizer", wdtype)
+        t5 = parts.get("text_encoder_2")
+        if isinstance(t5, (str, os.PathLike)):  # a single file (GGUF, fp8, .safetensors)
+            t5 = T5Embedder.from_checkpoint(t5, root / "tokenizer_2", wdtype)
+            t5 = replace(t5, tokenizer=parts["tokenizer_2"]) if "tokenizer_2" in parts else t5
+        else:
+            t5 = _text_part(T5Embedder, t5, parts.get("tokenizer_2"), root / "text_encoder_2", root / "tokenizer_2",
+                            wdtype)
+        return cls(transformer, vae, clip, t5, schedule, extra, str(root), compute_dtype)
+
+    @classmethod
+    def _check_transformer_early(cls, config) -> None:
+        """Refuse a model this class cannot drive right after the transformer loads (before the rest)."""
+        probe = object.__new__(cls)
+        probe.transformer = type("T", (), {"config": config})()
+        probe._check_model()
+
+    @classmethod
+    def from_pipe(cls, pipeline: "FluxBasePipeline", **kwargs):
+        """A pipeline of this class on the same loaded parts (no reload, no copy), as diffusers' `from_pipe`;
+        keyword arguments replace parts (`transformer=...`) or set `compute_dtype`."""
+        parts = {k: kwargs.pop(k, None) for k in ("transformer", "vae")}
+        if kwargs.keys() - {"compute_dtype", "torch_dtype"}:
+            raise TypeError(f"from_pipe() got unexpected keyword arguments {sorted(kwargs.keys() - {'compute_dtype'})}")
+        new = cls(parts["transformer"] or pipeline.transformer, parts["vae"] or pipeline.vae, pipeline.clip,
+                  pipeline.t5, pipeline.schedule, pipeline._folder_defaults, pipeline.model_path,
+                  kwargs.get("compute_dtype", pipeline._compute_override))
+        new._device, new._offload_device = pipeline._device, pipeline._offload_device
+        new._release_after_use, new._cache = pipeline._release_after_use, pipeline._cache
+        new._progress = dict(pipeline._progress)
+        return new
+
+    # ------------------------------------------------------------ placement
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        if device is not None:
+            self._device = torch.device(device)
+        for m in self._modules().values():
+            m.to(device=self._device, dtype=dtype)
+        self.set_compute_dtype(self._compute_override)  # the device or the storage dtype may have changed
+        return self
+
+    def set_compute_dtype(self, compute_dtype: str | torch.dtype | None = None) -> dict[str, DtypePlan]:
+        """Choose the dtype each part computes in; weights keep their storage dtype (`fluxion.compute`).
+
+        None / "auto": bf16 weights compute in bf16 where the CPU has bf16 units, and in float32 (upcast per
+        layer, per call) where it has not; "float32" / "bfloat16" force it ($FLUXION_COMPUTE_DTYPE too).
+        Returns the plan per part (also kept as `compute_plans`); the choice is logged once.
+        """
+        self._compute_override = compute_dtype
+        plans = {}
+        for name, module in self._modules().items():
+            p = plan(storage_dtype(module), self._offload_device or self._device, compute_dtype)
+            if p.upcasts or getattr(module, "_fluxion_compute_dtype", None) is not None:
+                use_compute_dtype(module, p.compute)
+            log_once(p)
+            plans[name] = p
+        self.compute_plans = plans
+        return plans
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        """Keep every part on the CPU and move each to the accelerator only while it runs.
+
+        On a CPU-only machine everything already runs where it lives; there, each part's memory-mapped weights
+        (zero-copy .safetensors tensors, GGUF/fp8 quantized weights) give their resident pages back once it has
+        run (`fluxion.checkpoints.pages.release_pages`): the text encoders after the prompts are encoded, the
+        transformer before the VAE decodes. The page cache keeps the data, so the next call re-reads it from
+        memory; weights held as copies (converted dtypes) are not affected.
+        """
+        target = torch.device(device) if device is not None else (
+            torch.device("cuda", gpu_id or 0) if torch.cuda.is_available() else torch.device("cpu")
+        )
+        self._offload_device = target if target.type != "cpu" else None  # set first: .to() plans for it
+        self._release_after_use = target.type == "cpu"
+        self.to("cpu")
+        self._device = target
+        return self
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        """`enable_model_cpu_offload`, and on a CPU-only machine also stream the transformer's and T5's blocks:
+        each block gives its mapped pages back right after its forward, so about one block's weights are
+        resident at a time (the page cache re-serves them at the next step). With an accelerator, parts move
+        whole (per-part placement is the finest we do there)."""
+        self.enable_model_cpu_offload(gpu_id, device)
+        if self._release_after_use and not self._block_hooks:
+            for model in (self.transformer, self.t5.model):
+                self._block_hooks += stream_blocks(model)
+        return self
+
+    def enable_vae_tiling(self, **kwargs):
+        """Decode (and encode) large images in overlapping VAE tiles: see `AutoEncoder.enable_tiling`."""
+        self.vae.enable_tiling(**kwargs)
+        return self
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
+        return self
+
+    def enable_vae_slicing(self):
+        """Decode a batch one image at a time: see `AutoEncoder.enable_slicing`."""
+        self.vae.enable_slicing()
+        return self
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+        return self
+
+    def enable_cache(self, kind: str = "fbcache", threshold: float = 0.1) -> None:
+        """Step caching for every later call (a call's `cache=` / `cache_threshold=` still win)."""
+        if kind != "fbcache":
+            raise ValueError(f"cache kind must be 'fbcache', got {kind!r}")
+        self._cache = (kind, threshold)
+
+    def disable_cache(self) -> None:
+        self._cache = (None, None)
+
+    def set_progress_bar_config(self, **kwargs):
+        self._progress.update(kwargs)
+
+    @contextlib.contextmanager
+    def _placed(self, module: torch.nn.Module):
+        if self._offload_device is None:
+            try:
+                yield module
+            finally:
+                if self._release_after_use:
+                    release_pages(module)
+            return
+        module.to(self._offload_device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    # ------------------------------------------------------------ prompts and images
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int | None = None,
+        **_,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(T5 embeddings [B*n, L, D], CLIP pooled [B*n, P], text ids [L, 3]); prompt_2 goes to T5."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        length = max_sequence_length or self.defaults.max_sequence_length
+        dtype = self.transformer.compute_dtype
+        with self._placed(self.clip.model):
+            pooled = self.clip(prompts).to(self.device, dtype)
+        with self._placed(self.t5.model):
+            embeds = self.t5(prompts_2, length).to(self.device, dtype)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+        return embeds, pooled, text_ids(embeds.shape[1], self.device)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: Tensor, generator=None, sample: bool = True) -> Tensor:
+        """Pixels in [-1, 1] [B, 3, H, W] -> scaled latents [B, C, H/f, W/f]: a sample of the VAE posterior
+        drawn with `generator` (as diffusers' `retrieve_latents`; a list gives one generator per image), or its
+        mean when `sample` is False (no draw)."""
+        with self._placed(self.vae):
+            x = pixels.to(self.device, self.vae.dtype)
+            if isinstance(generator, list):
+                z = torch.cat([self.vae.encode(x[i : i + 1], sample, generator[i]) for i in range(x.shape[0])])
+            else:
+                z = self.vae.encode(x, sample, generator)
+        return z.to(self.transformer.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, height: int, width: int, output_type: str = "pil"):
+        """Packed latents -> images in [0, 1] as PIL, numpy [B, H, W, 3] or tensor [B, 3, H, W]."""
+        lat_h, lat_w = latent_grid(height, width, self.vae_scale_factor)
+        with self._placed(self.vae):
+            x = self.vae.decode(unpack(latents, lat_h, lat_w).to(self.device))
+        x = (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+        if output_type == "pt":
+            return x
+        arr = x.permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return arr
+        return [Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
+
+    # ------------------------------------------------------------ one call, in steps a variant composes
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def _common_args(self, *, cache: str | None = None, cache_threshold: float | None = None, **kw) -> CallArgs:
+        """Fill the defaults of the common arguments and check them all, before any model runs."""
+        d = self.defaults
+        cache = cache if cache is not None else self._cache[0]
+        cache_threshold = cache_threshold if cache_threshold is not None else self._cache[1]
+        if cache not in (None, "none", "fbcache"):
+            raise ValueError(f"cache must be None or 'fbcache', got {cache!r}")
+        if cache == "fbcache" and not (isinstance(cache_threshold, (int, float)) and 0 < cache_threshold < math.inf):
+            raise ValueError(f"cache_threshold must be a number > 0 with cache='fbcache', got {cache_threshold!r}")
+        kw["cache_threshold"] = float(cache_threshold) if cache == "fbcache" else 0.0
+        side = d.sample_size * self.vae_scale_factor
+        kw["height"] = side if kw.get("height") is None else kw["height"]
+        kw["width"] = side if kw.get("width") is None else kw["width"]
+        for name in ("num_inference_steps", "guidance_scale", "true_cfg_scale", "max_sequence_length"):
+            if kw.get(name) is None:
+                kw[name] = getattr(d, name)
+        if kw.get("negative_prompt") is None and kw.get("negative_prompt_embeds") is None:
+            kw["negative_prompt"] = d.negative_prompt
+        a = CallArgs(**kw)
+        a.batch = self._check_inputs(a)
+        return a
+
+    def _encode_prompts(self, a: CallArgs) -> tuple[TextConditioning, TextConditioning | None]:
+        """The prompt's conditioning and, with true CFG, the negative prompt's, one row per image."""
+        if a.prompt_embeds is None:
+            text = TextConditioning(*self.encode_prompt(a.prompt, a.prompt_2, a.num_images_per_prompt,
+                                                        a.max_sequence_length))
+        else:
+            dtype = self.transformer.compute_dtype
+            embeds = a.prompt_embeds.to(self.device, dtype)
+            text = TextConditioning(embeds, a.pooled_prompt_embeds.to(self.device, dtype),
+                                    text_ids(embeds.shape[1], self.device))
+        if not a.do_true_cfg:
+            return text, None
+        if a.negative_prompt_embeds is None:
+            neg = self._match_batch(a.negative_prompt, a.batch, "negative_prompt")
+            neg_2 = None if a.negative_prompt_2 is None else self._match_batch(a.negative_prompt_2, a.batch,
+                                                                               "negative_prompt_2")
+            return text, TextConditioning(*self.encode_prompt(neg, neg_2, a.num_images_per_prompt,
+                                                              a.max_sequence_length))
+        dtype = self.transformer.compute_dtype
+        embeds = a.negative_prompt_embeds.to(self.device, dtype)
+        return text, TextConditioning(embeds, a.negative_pooled_prompt_embeds.to(self.device, dtype),
+                                      text_ids(embeds.shape[1], self.device))
+
+    def _latent_grid(self, a: CallArgs) -> tuple[int, int]:
+        return latent_grid(a.height, a.width, self.vae_scale_factor)
+
+    def _schedule(self, a: CallArgs) -> tuple[Tensor, int]:
+        """(the full schedule for the output's token count, shifted; the index `a.strength` starts at)."""
+        lat_h, lat_w = self._latent_grid(a)
+        schedule = get_schedule(a.num_inference_steps, (lat_h // 2) * (lat_w // 2), self.schedule, a.sigmas)
+        return schedule, strength_start(len(schedule) - 1, a.strength)
+
+    def _noise(self, a: CallArgs) -> Tensor:
+        """Standard-normal latents [total, C, h, w], drawn in the weights' dtype as diffusers draws them."""
+        lat_h, lat_w = self._latent_grid(a)
+        channels = self.transformer.config.out_channels // 4
+        return initial_noise(a.total, channels, lat_h, lat_w, a.generator, self.transformer.dtype, self.device)
+
+    def _check_latents(self, a: CallArgs) -> None:
+        lat_h, lat_w = self._latent_grid(a)
+        want = (a.total, (lat_h // 2) * (lat_w // 2), self.transformer.config.out_channels)
+        if a.latents is not None and tuple(a.latents.shape) != want:
+            raise ValueError(f"latents must be packed [batch*num_images_per_prompt, tokens, channels] = "
+                             f"{list(want)} for {a.height}x{a.width}, got {list(a.latents.shape)}")
+
+    def _denoise(self, a: CallArgs, text: TextConditioning, negative: TextConditioning | None, latents: Tensor,
+                 schedule: Tensor, t_start: int = 0, **extras) -> tuple[Tensor, dict]:
+        """Run the core from packed `latents` over `schedule[t_start:]` with this call's guidance per step."""
+        lat_h, lat_w = self._latent_grid(a)
+        run = schedule[t_start:]
+        steps = len(run) - 1
+        g = G.per_step(a.guidance_scale, schedule, t_start, "guidance_scale") \
+            if self.transformer.config.guidance_embed else None
+        cfg = None
+        if negative is not None:
+            cfg = G.window(G.per_step(a.true_cfg_scale, schedule, t_start, "true_cfg_scale"), a.guidance_start,
+                           a.guidance_end)
+        inputs = DenoiseInputs(
+            latents=latents.to(self.device, self.transformer.compute_dtype), img_ids=image_ids(lat_h, lat_w, self.device),
+            schedule=run, text=text, negative=negative, guidance=g, true_cfg=cfg,
+            cache_threshold=a.cache_threshold, **extras,
+        )
+        on_step = None
+        if a.callback_on_step_end is not None:
+            def on_step(i: int, x: Tensor) -> Tensor:  # diffusers' callback: (pipe, i, t, tensors) -> tensors
+                out = a.callback_on_step_end(self, i, run[i] * 1000, {"latents": x}) or {}
+                return out.get("latents", x)
+        with self._placed(self.transformer):
+            x, stats = denoise(self.transformer, inputs, self._progress_bar if steps else None, on_step)
+        return x, stats
+
+    def _finish(self, a: CallArgs, latents: Tensor, steps: int, stats: dict, negative_used: bool,
+                extra: dict | None = None, images=None):
+        """Decode (unless given `images`) and wrap with one parameters dict per image (PNG metadata)."""
+        guided = self.transformer.config.guidance_embed
+        params = [
+            {
+                "pipeline": type(self).__name__,
+                "prompt": p,
+                "negative_prompt": n if negative_used else None,
+                "true_cfg_scale": G.describe(a.true_cfg_scale) if negative_used else None,
+                "height": a.height,
+                "width": a.width,
+                "num_inference_steps": steps,
+                "guidance_scale": G.describe(a.guidance_scale) if guided else None,
+                "max_sequence_length": a.max_sequence_length,
+                "cache": f"fbcache:{a.cache_threshold:g}" if a.cache_threshold else None,
+                "model": self.model_path,
+                **(extra or {}),
+            }
+            for p, n in zip(self._prompt_list(a.prompt, a.batch), self._prompt_list(a.negative_prompt, a.batch))
+            for _ in range(a.num_images_per_prompt)
+        ]
+        if images is None:
+            images = latents if a.output_type == "latent" else self.decode(latents, a.height, a.width, a.output_type)
+        if not a.return_dict:
+            return (images,)
+        return FluxPipelineOutput(images=images, parameters=params, cache_stats=stats)
+
+    # ------------------------------------------------------------ helpers
+
+    def _progress_bar(self, steps):
+        from tqdm.auto import tqdm
+
+        return tqdm(steps, desc="sampling", unit="step", **self._progress)
+
+    @staticmethod
+    def _prompt_list(prompt, batch: int) -> list:
+        if prompt is None or isinstance(prompt, str):
+            return [prompt] * batch
+        return list(prompt)
+
+    @staticmethod
+    def _match_batch(value: str | list[str], batch: int, name: str) -> list[str]:
+        if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a str or a list of str, got {type(value).__name__}")
+        values = [value] * batch if isinstance(value, str) else list(value)
+        if len(values) != batch:
+            raise ValueError(f"{name} has {len(values)} entries but there are {batch} prompts")
+        return values
+
+    def _check_inputs(self, a: CallArgs) -> int:
+        """All common argument checks, before any model runs; returns the number of prompts."""
+        prompt, prompt_embeds = a.prompt, a.prompt_embeds
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass a prompt (str or list of str) or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt_embeds is not None and a.pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP pooled vector)")
+        if prompt is not None:
+            if isinstance(prompt, str):
+                batch = 1
+            elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+                if not prompt:
+                    raise ValueError("prompt is an empty list: give at least one prompt")
+                batch = len(prompt)
+            else:
+                raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        else:
+            batch = prompt_embeds.shape[0]
+            cfg = self.transformer.config
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.context_in_dim:
+                raise ValueError(f"prompt_embeds must be [B, L, {cfg.context_in_dim}], got {list(prompt_embeds.shape)}")
+            if tuple(a.pooled_prompt_embeds.shape) != (batch, cfg.vec_in_dim):
+                raise ValueError(f"pooled_prompt_embeds must be [{batch}, {cfg.vec_in_dim}], "
+                                 f"got {list(a.pooled_prompt_embeds.shape)}")
+        for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
+            value = getattr(a, name)
+            if value is not None and not isinstance(value, str):
+                self._match_batch(value, batch, name)
+        if a.sigmas is not None:
+            s = list(a.sigmas)
+            if not s or any(not 0 < float(v) <= 1 for v in s):
+                raise ValueError(f"sigmas must be a non-empty list of values in (0, 1], got {s!r}")
+        multiple = self.vae_scale_factor * 2
+        for name in ("height", "width"):
+            v = getattr(a, name)
+            if not isinstance(v, int) or v <= 0 or v % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+        steps = a.num_inference_steps
+        if a.sigmas is None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        if a.sigmas is not None:
+            a.num_inference_steps = len(list(a.sigmas))
+        n = a.num_images_per_prompt
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
+        if a.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {a.output_type!r}")
+        m = a.max_sequence_length
+        if not isinstance(m, int) or not 1 <= m <= 512:
+            raise ValueError(f"max_sequence_length must be an integer in [1, 512], got {m!r}")
+        if isinstance(a.generator, list) and len(a.generator) != batch * n:
+            raise ValueError(f"got {len(a.generator)} generators for {batch * n} images "
+                             "(one per image, or a single generator)")
+        st = a.strength
+        if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0 < st <= 1:
+            raise ValueError(f"strength must be a number in (0, 1], got {st!r}")
+        run = a.num_inference_steps - strength_start(a.num_inference_steps, st)
+        if run < 1:
+            raise ValueError(f"strength {st} with {a.num_inference_steps} steps leaves no step to run: raise either")
+        for name in ("guidance_scale", "true_cfg_scale"):
+            G.check(getattr(a, name), a.num_inference_steps, run, name)
+        G.check_window(a.guidance_start, a.guidance_end)
+        return batch
+
+
+def _schedule_of(given, config_file: Path) -> ScheduleConfig:
+    """A scheduler part given as diffusers passes one (an object with `.config`, a dict, or our ScheduleConfig),
+    else the folder's scheduler_config.json, else dev's."""
+    if isinstance(given, ScheduleConfig):
+        return given
+    if given is not None:
+        config = getattr(given, "config", given)
+        try:
+            return ScheduleConfig.from_dict(dict(config))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"scheduler must be a ScheduleConfig, a dict or a scheduler with .config, got "
+                             f"{type(given).__name__} ({e})") from None
+    if not config_file.is_file():
+        return DEV_SCHEDULE
+    try:
+        return ScheduleConfig.from_dict(json.loads(config_file.read_text()))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{config_file}: not a valid scheduler config ({e})") from None
+
+
+def _text_part(kind, model, tokenizer, model_dir: Path, tokenizer_dir: Path, dtype):
+    """A text encoder from given parts (an embedder, a transformers model, a tokenizer) or the folder."""
+    if isinstance(model, kind):
+        return replace(model, tokenizer=tokenizer) if tokenizer is not None else model
+    if model is None and tokenizer is None:
+        return kind.from_folders(model_dir, tokenizer_dir, dtype)
+    if model is None:
+        return kind(tokenizer, kind.from_folders(model_dir, tokenizer_dir, dtype).model)
+    return kind(tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir), model)

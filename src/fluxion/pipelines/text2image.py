@@ -1,0 +1,81 @@
+"""FluxPipeline: text to image, called as diffusers' FluxPipeline is, so scripts switch by one import."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..flow import pack
+from . import regional as R
+from .base import FluxBasePipeline
+from .guidance import GuidanceValue
+
+
+class FluxPipeline(FluxBasePipeline):
+    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
+        """Generate images; takes diffusers' FluxPipeline arguments (see `generate`)."""
+        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
+            return self.generate(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: GuidanceValue | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: GuidanceValue | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_pooled_prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int | None = None,
+        cache: str | None = None,
+        cache_threshold: float | None = None,
+        guidance_start: float = 0.0,
+        guidance_end: float = 1.0,
+        regional_prompts: list[str] | None = None,
+        regional_masks: list | None = None,
+        regional_base_ratio: float = 0.2,
+        regional_steps: int | None = None,
+    ):
+        """diffusers' FluxPipeline arguments, plus:
+        - `cache="fbcache"` with `cache_threshold` (first-block step cache);
+        - `guidance_scale` / `true_cfg_scale` as schedules, `guidance_start` / `guidance_end` (see
+          `fluxion.pipelines.guidance`);
+        - `regional_prompts` with `regional_masks` (one image-size mask per prompt, white = the region),
+          `regional_base_ratio` (weight of the base prompt's pass) and `regional_steps` (steps with the regional
+          pass, default a third): see `fluxion.pipelines.regional`.
+        """
+        a = self._common_args(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            true_cfg_scale=true_cfg_scale, height=height, width=width, num_inference_steps=num_inference_steps,
+            sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            max_sequence_length=max_sequence_length, cache=cache, cache_threshold=cache_threshold,
+            guidance_start=guidance_start, guidance_end=guidance_end,
+        )
+        self._check_latents(a)
+        regions = R.check(regional_prompts, regional_masks, regional_base_ratio, regional_steps, a.num_inference_steps)
+        text, negative = self._encode_prompts(a)
+        regional = R.prepare(self, a, regions, text.pooled) if regions is not None else None
+        schedule, _ = self._schedule(a)
+        latents = a.latents if a.latents is not None else pack(self._noise(a))
+        x, stats = self._denoise(a, text, negative, latents, schedule, regional=regional)
+        extra = R.describe(regions) if regions is not None else {}
+        return self._finish(a, x, len(schedule) - 1, stats, negative is not None, extra)
