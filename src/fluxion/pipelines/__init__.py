@@ -2,11 +2,26 @@
 small module per variant."""
 from __future__ import annotations
 
+import importlib
+
 from .base import FluxBasePipeline, FluxPipelineOutput, PipelineDefaults, default_model_dir
 from .text2image import FluxPipeline
 
+VARIANTS = {  # class name -> module (imported when first asked for)
+    "FluxImg2ImgPipeline": "img2img",
+    "FluxInpaintPipeline": "inpaint",
+    "FluxFillPipeline": "fill",
+    "FluxControlPipeline": "control",
+    "FluxKontextPipeline": "kontext",
+}
 __all__ = ["FluxBasePipeline", "FluxPipeline", "FluxPipelineOutput", "PipelineDefaults", "default_model_dir",
-           "model_kind_hint"]
+           "model_kind_hint", *VARIANTS]
+
+
+def __getattr__(name):
+    if name in VARIANTS:
+        return getattr(importlib.import_module(f".{VARIANTS[name]}", __name__), name)
+    raise AttributeError(name)
 
 
 def model_kind_hint(config) -> str:
