@@ -14,12 +14,17 @@ __all__ = [
     "save_autoencoder",
     "CheckpointError",
     "FluxPipeline",
+    "FluxImg2ImgPipeline",
+    "FluxInpaintPipeline",
+    "FluxFillPipeline",
+    "FluxControlPipeline",
+    "FluxKontextPipeline",
 ]
 
 
-def __getattr__(name):  # the pipeline pulls in transformers: import it only when asked for
-    if name == "FluxPipeline":
-        from .pipelines import FluxPipeline
+def __getattr__(name):  # the pipelines pull in transformers: import them only when asked for
+    if name.startswith("Flux") and name.endswith("Pipeline"):
+        from . import pipelines
 
-        return FluxPipeline
+        return getattr(pipelines, name)
     raise AttributeError(name)
