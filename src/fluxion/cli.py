@@ -20,19 +20,93 @@ def _torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def _pipeline_class(args, model: str):
+    """The pipeline a `generate` call needs, from its image flags and the model's channel layout."""
+    from . import pipelines as P
+
+    config = Path(model) / "transformer" / "config.json"
+    layout = json.loads(config.read_text()) if config.is_file() else {}
+    in_ch, out_ch = layout.get("in_channels", 64), layout.get("out_channels") or layout.get("in_channels", 64)
+    if args.reference:
+        return P.FluxKontextPipeline
+    if args.control_image:
+        return P.FluxControlPipeline
+    if in_ch > 2 * out_ch or (args.mask and in_ch != out_ch):
+        return P.FluxFillPipeline
+    if args.mask:
+        return P.FluxInpaintPipeline
+    if args.image:
+        return P.FluxImg2ImgPipeline
+    return P.FluxPipeline
+
+
+def _image_arguments(args) -> dict:
+    """The call's image arguments, each file read (and checked) before any model loads."""
+    from .images import load_image
+
+    kw, record = {}, {}
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image (the picture to repaint)")
+    if args.control and not args.control_image:
+        raise ValueError("--control canny needs --control-image (the picture to take edges from)")
+    if args.strength is not None and not args.image:
+        raise ValueError("--strength needs --image")
+    if args.image:
+        kw["image"] = load_image(args.image, "--image")
+        record["image"] = args.image
+    if args.mask:
+        kw["mask_image"] = load_image(args.mask, "--mask")
+        record["mask_image"] = args.mask
+    if args.strength is not None:
+        kw["strength"] = args.strength
+    if args.control_image:
+        control = load_image(args.control_image, "--control-image")
+        if args.control == "canny":
+            from .control import canny
+
+            control = canny(control, args.canny_low, args.canny_high)
+            record["control"] = f"canny:{args.canny_low}:{args.canny_high}"
+        kw["control_image"] = control
+        record["control_image"] = args.control_image
+    if args.reference:
+        kw["image"] = load_image(args.reference, "--reference")
+        record["reference"] = args.reference
+    if args.regional:
+        prompts, masks = [], []
+        for spec in args.regional:
+            prompt, sep, mask = spec.rpartition("=")
+            if not sep or not prompt:
+                raise ValueError(f"--regional takes PROMPT=MASK.png, got {spec!r}")
+            prompts.append(prompt)
+            masks.append(load_image(mask, "--regional mask"))
+        kw.update(regional_prompts=prompts, regional_masks=masks, regional_base_ratio=args.regional_base_ratio)
+        if args.regional_steps is not None:
+            kw["regional_steps"] = args.regional_steps
+        record["regional_masks"] = [spec.rpartition("=")[2] for spec in args.regional]
+    return kw, record
+
+
 def cmd_generate(args) -> int:
     import torch
 
-    from .pipelines import FluxPipeline, default_model_dir
+    from .pipelines import default_model_dir
+    from .pipelines.guidance import parse
     from .png import save_png
 
     model = args.model or str(default_model_dir())
     out = check_writable(args.out, "--out", ".png")  # before the model loads, not after the image is made
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.regional and (args.image or args.reference or args.control_image):
+        raise ValueError("--regional works with text-to-image only (no --image, --reference or --control-image)")
+    guidance = parse(args.guidance_schedule) if args.guidance_schedule else args.guidance
+    true_cfg = parse(args.true_cfg_schedule) if args.true_cfg_schedule else args.true_cfg
+    images, record = _image_arguments(args)
+    cls = _pipeline_class(args, model)
     extra = {"quantize": args.quantize} if args.quantize else {}
-    pipe = FluxPipeline.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype),
-                                        compute_dtype=args.compute_dtype, **extra)
+    pipe = cls.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype), compute_dtype=args.compute_dtype, **extra)
+    if args.control_lora:
+        pipe.load_lora_weights(args.control_lora)
     if args.max_memory is not None:
         _limit_memory(pipe, Path(model) / "transformer", args.max_memory)
     n = args.num_images
@@ -40,22 +114,23 @@ def cmd_generate(args) -> int:
     result = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
-        true_cfg_scale=args.true_cfg,
+        true_cfg_scale=true_cfg,
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        guidance_scale=guidance,
         num_images_per_prompt=n,
         max_sequence_length=args.max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(args.seed),
         cache=args.cache,
         cache_threshold=args.cache_threshold,
+        **images,
     )
     seconds = time.perf_counter() - t0
     compute = str(pipe.compute_plans["transformer"].compute).replace("torch.", "")
     for i, (image, params) in enumerate(zip(result.images, result.parameters)):
         path = out if n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        save_png(image, path, {**params, "seed": args.seed, "image_index": i, "dtype": args.dtype,
+        save_png(image, path, {**params, **record, "seed": args.seed, "image_index": i, "dtype": args.dtype,
                                "compute_dtype": compute})
         print(f"wrote {path} ({image.width}x{image.height})")
     print(f"{seconds:.2f} s for {n} image{'s' if n > 1 else ''} (model loaded)")
@@ -171,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="diffusers-layout model folder (default: the shipped fluxion-mini)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     g.add_argument("--guidance", type=float, default=None, help="distilled guidance scale (dev-style models)")
+    g.add_argument("--guidance-schedule", dest="guidance_schedule", default=None, metavar="SPEC",
+                   help="distilled guidance over the steps: linear:START:END, cosine:START:END, step:HIGH:LOW[:AT], "
+                        "constant:V (fluxion.pipelines.guidance)")
+    g.add_argument("--true-cfg-schedule", dest="true_cfg_schedule", default=None, metavar="SPEC",
+                   help="true CFG scale over the steps, same forms as --guidance-schedule")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--true-cfg", type=float, default=None,
                    help="true CFG scale (> 1 with a negative prompt; default: the model's)")
@@ -185,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=QUANTIZE_AT_LOAD, default=None,
                    help="quantize the transformer's Linear layers while loading (less memory; see fluxion.quant)")
     g.add_argument("--out", default="out.png")
+    im = g.add_argument_group("image conditioning (the pipeline follows from these flags and the model)")
+    im.add_argument("--image", default=None, help="img2img: the starting picture (with --mask: the one to repaint)")
+    im.add_argument("--strength", type=float, default=None, help="img2img/inpainting: how much to change, (0, 1]")
+    im.add_argument("--mask", default=None, help="inpainting / Fill: white = repaint")
+    im.add_argument("--control-image", dest="control_image", default=None,
+                    help="Control models: the structure image (a depth map, or a picture with --control canny)")
+    im.add_argument("--control", choices=["canny"], default=None, help="make the control image: Canny edges")
+    im.add_argument("--canny-low", dest="canny_low", type=int, default=50)
+    im.add_argument("--canny-high", dest="canny_high", type=int, default=200)
+    im.add_argument("--control-lora", dest="control_lora", default=None,
+                    help="a Canny/Depth control LoRA file for a 64-channel base model")
+    im.add_argument("--reference", default=None, help="Kontext: the image to edit")
+    im.add_argument("--regional", action="append", default=None, metavar="PROMPT=MASK.png",
+                    help="a regional prompt and its mask (white = its region); repeat per region")
+    im.add_argument("--regional-base-ratio", dest="regional_base_ratio", type=float, default=0.2)
+    im.add_argument("--regional-steps", dest="regional_steps", type=int, default=None)
     g.add_argument("--max-memory", dest="max_memory", type=float, default=None, metavar="GIB",
                    help="memory budget in GiB: release each part's memory-mapped weights after it runs, and stream "
                         "the transformer block by block when its files are larger than the budget (applies to "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -114,7 +115,11 @@ class AdapterRegistry:
     weights: dict[str, float] = field(default_factory=dict)
     enabled: bool = True
     fused: dict[str, float] = field(default_factory=dict)  # adapter -> factor fused into the weights
-    call_scale: float = 1.0  # per-call multiplier of every unfused adapter (diffusers' joint_attention_kwargs scale)
+
+
+# Per-call multiplier of every unfused adapter (diffusers' joint_attention_kwargs={"scale": s}). A context
+# variable, not a field of the shared registry: concurrent calls (threads, asyncio tasks) each see their own.
+CALL_SCALE: ContextVar[float] = ContextVar("fluxion_lora_call_scale", default=1.0)
 
 
 class LayerState:
@@ -161,7 +166,7 @@ def _lora_hook(module: nn.Module, args, output: Tensor):
         pieces = state.adapters.get(name)
         if not pieces or name in reg.fused:
             continue
-        weight = reg.weights.get(name, 1.0) * reg.call_scale
+        weight = reg.weights.get(name, 1.0) * CALL_SCALE.get()
         if weight == 0:
             continue
         for p in pieces:

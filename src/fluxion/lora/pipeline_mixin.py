@@ -28,19 +28,16 @@ COMPONENTS = (TRANSFORMER, TEXT_ENCODER)
 class LoraMixin:
     @contextlib.contextmanager
     def lora_scale(self, scale: float | None):
-        """Scale every unfused adapter by `scale` for the duration (diffusers' `joint_attention_kwargs={"scale": s}`)."""
-        regs = [r for m in self._lora_components().values() if (r := L.get_registry(m)) is not None]
-        if scale is None or not regs:
+        """Scale every unfused adapter by `scale` for the duration (diffusers' `joint_attention_kwargs={"scale": s}`),
+        in this thread or task only (`fluxion.lora.layers.CALL_SCALE`)."""
+        if scale is None:
             yield
             return
-        before = [r.call_scale for r in regs]
-        for r in regs:
-            r.call_scale = float(scale)
+        token = L.CALL_SCALE.set(float(scale))
         try:
             yield
         finally:
-            for r, b in zip(regs, before):
-                r.call_scale = b
+            L.CALL_SCALE.reset(token)
 
     # ------------------------------------------------------------ parts
 
