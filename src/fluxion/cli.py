@@ -97,6 +97,10 @@ def cmd_generate(args) -> int:
     out = check_writable(args.out, "--out", ".png")  # before the model loads, not after the image is made
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.max_memory is not None and not 0 < args.max_memory < float("inf"):
+        raise ValueError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.regional and (args.image or args.reference or args.control_image):
         raise ValueError("--regional works with text-to-image only (no --image, --reference or --control-image)")
     guidance = parse(args.guidance_schedule) if args.guidance_schedule else args.guidance

@@ -41,11 +41,13 @@ def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | N
              quantize: str | None = None, true_cfg: float | None = None) -> dict:
     from ..pipelines import FluxPipeline
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an integer >= 1 (the number of prompts to evaluate), got {limit!r}")
     pipe = FluxPipeline.from_pretrained(model, quantize=quantize)
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": steps, "guidance_scale": guidance, "cache": cache, "cache_threshold": cache_threshold,
             "true_cfg_scale": true_cfg}
-    items = eval_set()[:limit] if limit else eval_set()
+    items = eval_set()[:limit] if limit is not None else eval_set()
     t0 = time.perf_counter()
     images = generate_items(pipe, items, **call)
     seconds = time.perf_counter() - t0

@@ -336,11 +336,18 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(reg.active) if reg is not None else []
 
 
+def check_scale(value, name: str) -> float:
+    """A LoRA scale: a finite number (NaN would be written into the weights or the activations)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def normalize_weights(names: list[str], weights) -> list[float]:
     if weights is None:
         return [1.0] * len(names)
     if isinstance(weights, (int, float)):
-        return [float(weights)] * len(names)
+        return [check_scale(weights, "adapter weights")] * len(names)
     weights = list(weights)
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} adapter weights for {len(names)} adapters {names}")
@@ -401,6 +408,7 @@ def fuse_lora(model: nn.Module, lora_scale: float = 1.0, adapter_names: list[str
     """Add `lora_scale * weight * scale * B @ A` of each adapter (default: the active, unfused ones) into
     the base weights. The original rows are kept (on the CPU) so `unfuse_lora` restores them bit-exactly.
     Returns the names fused."""
+    check_scale(lora_scale, "lora_scale")
     reg = get_registry(model)
     if reg is None:
         return []

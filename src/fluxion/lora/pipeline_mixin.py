@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from . import layers as L
+from .expand import fit_input_lora, restore_input_layer
 from .formats import (
     _KNOWN_LOAD_KWARGS,
     LORA_WEIGHT_NAME,
@@ -33,7 +34,7 @@ class LoraMixin:
         if scale is None:
             yield
             return
-        token = L.CALL_SCALE.set(float(scale))
+        token = L.CALL_SCALE.set(L.check_scale(scale, 'joint_attention_kwargs["scale"]'))
         try:
             yield
         finally:
@@ -77,6 +78,17 @@ class LoraMixin:
         )
         if kwargs.get("metadata"):  # diffusers' kwarg: the PEFT config fields ("transformer.r", ...)
             metadata = dict(kwargs["metadata"])
+        transformer = self._lora_components()[TRANSFORMER]
+        # a control LoRA (Canny / Depth) widens img_in first; undone if the load fails (fluxion.lora.expand)
+        state_dict, layer_before = fit_input_lora(state_dict, transformer)
+        try:
+            return self._attach_lora(state_dict, metadata, source, adapter_name, hotswap, strict)
+        except BaseException:
+            if layer_before is not None:
+                restore_input_layer(transformer, layer_before)
+            raise
+
+    def _attach_lora(self, state_dict, metadata, source, adapter_name, hotswap, strict) -> str:
         parts = self._lora_components()
         parsed = parse_lora_state_dict(
             state_dict, parts[TRANSFORMER], parts.get(TEXT_ENCODER), metadata=metadata, strict=strict
@@ -191,11 +203,16 @@ class LoraMixin:
             if here:
                 L.delete_adapters(model, here)
 
-    def unload_lora_weights(self) -> None:
+    def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Remove all adapters. Unfused, the model is exactly the base model again; adapters fused at this
-        point stay baked into the weights (diffusers' fuse_lora + unload_lora_weights idiom)."""
-        for model in self._lora_components().values():
+        point stay baked into the weights (diffusers' fuse_lora + unload_lora_weights idiom).
+        A control LoRA widened the transformer's img_in: it stays widened (as diffusers) unless
+        `reset_to_overwritten_params=True`, which puts the original layer and config.in_channels back."""
+        parts = self._lora_components()
+        for model in parts.values():
             L.unload_lora(model)
+        if reset_to_overwritten_params:
+            restore_input_layer(parts[TRANSFORMER])
 
     # ------------------------------------------------------------ fusing
 

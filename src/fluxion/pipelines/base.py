@@ -233,8 +233,10 @@ class FluxBasePipeline(LoraMixin):
             log.warning("from_pretrained ignores %s", sorted(ignored))
         schedule = _schedule_of(parts.get("scheduler"), root / "scheduler" / "scheduler_config.json")
         index = root / "model_index.json"
+        if not index.is_file():  # without it we would guess the model's defaults (size, CFG) silently
+            raise CheckpointError(f"{root}: no model_index.json (a diffusers FLUX folder has one, naming its parts)")
         try:
-            extra = json.loads(index.read_text()).get("_fluxion_defaults", {}) if index.is_file() else {}
+            extra = json.loads(index.read_text()).get("_fluxion_defaults", {})
         except (ValueError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid model_index.json ({e})") from None
         known = {f.name for f in fields(PipelineDefaults)}
@@ -508,6 +510,15 @@ class FluxBasePipeline(LoraMixin):
         channels = self.transformer.config.out_channels // 4
         return initial_noise(a.total, channels, lat_h, lat_w, a.generator, self.transformer.dtype, self.device)
 
+    def _init_image_latents(self, a: CallArgs, image: Tensor) -> Tensor:
+        """The init image's latents [total, C, h, w] as diffusers' img2img, inpaint and Fill prepare them (before
+        the noise is drawn): pixels (`image_inputs.init_image`) are VAE-encoded and *sampled* with the call's
+        generator (a list: generator[i] for image i), latents are taken as given (no draw); then tiled over the
+        batch (`cat([z] * k)`, not interleaved)."""
+        z = image.to(self.device, self.transformer.dtype) if image.shape[1] == self.vae.config.z_channels \
+            else self.encode_image(image, a.generator)
+        return torch.cat([z] * (a.total // z.shape[0]))
+
     def _check_latents(self, a: CallArgs) -> None:
         lat_h, lat_w = self._latent_grid(a)
         want = (a.total, (lat_h // 2) * (lat_w // 2), self.transformer.config.out_channels)
@@ -536,7 +547,11 @@ class FluxBasePipeline(LoraMixin):
         if a.callback_on_step_end is not None:
             def on_step(i: int, x: Tensor) -> Tensor:  # diffusers' callback: (pipe, i, t, tensors) -> tensors
                 out = a.callback_on_step_end(self, i, run[i] * 1000, {"latents": x}) or {}
-                return out.get("latents", x)
+                latents = out.get("latents", x)
+                if not isinstance(latents, Tensor) or latents.shape != x.shape:
+                    raise ValueError(f"callback_on_step_end returned latents of shape "
+                                     f"{list(getattr(latents, 'shape', []))} at step {i}; they must keep {list(x.shape)}")
+                return latents
         with self._placed(self.transformer):
             x, stats = denoise(self.transformer, inputs, self._progress_bar if steps else None, on_step)
         return x, stats
@@ -623,8 +638,15 @@ class FluxBasePipeline(LoraMixin):
                 self._match_batch(value, batch, name)
         if a.sigmas is not None:
             s = list(a.sigmas)
-            if not s or any(not 0 < float(v) <= 1 for v in s):
-                raise ValueError(f"sigmas must be a non-empty list of values in (0, 1], got {s!r}")
+            if (not s or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in s)
+                    or any(x <= y for x, y in zip(s, s[1:]))):
+                raise ValueError(f"sigmas must be a non-empty, strictly decreasing list of values in (0, 1], got {s!r}")
+        for name in ("latents", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                     "negative_pooled_prompt_embeds"):
+            value = getattr(a, name)
+            if value is not None and (not isinstance(value, Tensor) or not torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be a tensor of finite numbers (it holds NaN or inf)"
+                                 if isinstance(value, Tensor) else f"{name} must be a tensor, got {type(value).__name__}")
         multiple = self.vae_scale_factor * 2
         for name in ("height", "width"):
             v = getattr(a, name)
@@ -641,7 +663,7 @@ class FluxBasePipeline(LoraMixin):
         if a.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {a.output_type!r}")
         m = a.max_sequence_length
-        if not isinstance(m, int) or not 1 <= m <= 512:
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 512:
             raise ValueError(f"max_sequence_length must be an integer in [1, 512], got {m!r}")
         if isinstance(a.generator, list) and len(a.generator) != batch * n:
             raise ValueError(f"got {len(a.generator)} generators for {batch * n} images "
@@ -655,7 +677,43 @@ class FluxBasePipeline(LoraMixin):
         for name in ("guidance_scale", "true_cfg_scale"):
             G.check(getattr(a, name), a.num_inference_steps, run, name)
         G.check_window(a.guidance_start, a.guidance_end)
+        check_fits_in_memory(self, a.batch * n * (2 if a.do_true_cfg else 1), a.height, a.width)
         return batch
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def activation_bytes(pipe: FluxBasePipeline, rows: int, height: int, width: int) -> int:
+    """A generous estimate of the peak activation memory of one call (the weights are already loaded): the
+    transformer's widest activations (the single blocks' fused projection, float32) for `rows` sequences, and
+    the VAE decoder's full-resolution feature maps (one image at a time with slicing, one tile with tiling)."""
+    c = pipe.transformer.config
+    tokens = (height // (2 * pipe.vae_scale_factor)) * (width // (2 * pipe.vae_scale_factor)) + 512
+    transformer = rows * tokens * c.hidden_size * int(3 + 2 * c.mlp_ratio) * 4 * 2
+    vae = pipe.vae
+    images = 1 if vae.use_slicing else rows
+    side_h, side_w = (min(height, vae.tile_sample_min_size), min(width, vae.tile_sample_min_size)) \
+        if getattr(vae, "use_tiling", False) else (height, width)
+    decoder = images * side_h * side_w * vae.config.ch * vae.config.ch_mult[0] * 4 * 4
+    return transformer + decoder
+
+
+def check_fits_in_memory(pipe: FluxBasePipeline, rows: int, height: int, width: int) -> None:
+    """Refuse, before allocating, a request whose activations cannot fit in this machine's available memory."""
+    need, have = activation_bytes(pipe, rows, height, width), available_memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"a {height}x{width} image (batch of {rows} sequences) needs about {need / 2**30:.1f} GiB of "
+                         f"activations, more than the {have / 2**30:.1f} GiB available: ask for a smaller size or "
+                         "batch, or enable_vae_tiling()")
 
 
 def _schedule_of(given, config_file: Path) -> ScheduleConfig:

@@ -26,6 +26,10 @@ from ..model.step_runner import StepRunner
 from ..model.transformer import BlockResiduals, FluxTransformer
 
 
+class NonFiniteLatents(ValueError):
+    """A generation's latents left the finite numbers (the step is named in the message)."""
+
+
 @dataclass
 class TextConditioning:
     embeds: Tensor  # T5 [B, L, D]
@@ -121,8 +125,12 @@ def denoise(
     def after_step(i: int, x: Tensor) -> Tensor:
         if inp.blend is not None:
             x = inp.blend(i, x)
-        return on_step(i, x) if on_step is not None else x
+        if on_step is not None:
+            x = on_step(i, x)
+        if not bool(torch.isfinite(x).all()):  # one reduction per step: stop before a black image is written
+            raise NonFiniteLatents(f"the latents became NaN or infinite at step {i + 1} of {n} (non-finite weights, "
+                                   "inputs, or a callback's output): no image was made")
+        return x
 
-    hooks = after_step if (inp.blend is not None or on_step is not None) else None
-    x = euler(velocity, inp.latents, inp.schedule, progress, hooks)
+    x = euler(velocity, inp.latents, inp.schedule, progress, after_step)
     return x, dict(pos.stats)
