@@ -50,6 +50,25 @@ def tiny_schnell_original_files(tiny_schnell_dir, tmp_path_factory) -> tuple[Pat
     return transformer_file, ae_file
 
 
+@pytest.fixture(scope="session")
+def tiny_fill_dir(tmp_path_factory) -> Path:
+    """A tiny random FLUX.1 Fill-layout folder (dev flavour): transformer in_channels = 16 noisy + 16 masked-image
+    + 16 mask channels (the tiny VAE's scale factor 2: 2x2 mask pixels per latent pixel, packed 2x2), out 16."""
+    from fixtures import make_tiny_flux_folder
+
+    return make_tiny_flux_folder(tmp_path_factory.mktemp("tiny_flux_fill") / "pipe", guidance_embeds=True, seed=2,
+                                 transformer_overrides={"in_channels": 48, "out_channels": 16})
+
+
+@pytest.fixture(scope="session")
+def tiny_control_dir(tmp_path_factory) -> Path:
+    """A tiny random FLUX.1 Canny/Depth-layout folder (dev flavour): in_channels 32 (noisy + control), out 16."""
+    from fixtures import make_tiny_flux_folder
+
+    return make_tiny_flux_folder(tmp_path_factory.mktemp("tiny_flux_control") / "pipe", guidance_embeds=True, seed=3,
+                                 transformer_overrides={"in_channels": 32, "out_channels": 16})
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny test models run fastest on one thread, and it keeps them fast when another job holds a core."""

@@ -8,7 +8,7 @@ fluxion's own loaders (see /work/shared/reference/flux-spec.md sections 3-4).
 
 Public helpers:
 
-* ``make_tiny_flux_folder(path, guidance_embeds, seed=0) -> Path``
+* ``make_tiny_flux_folder(path, guidance_embeds, seed=0, transformer_overrides=None) -> Path``
 * ``randomize_parameters_(module, seed)``
 * ``diffusers_to_original_transformer(state_dict) -> dict``
 * ``diffusers_to_original_autoencoder(state_dict) -> dict``
@@ -192,11 +192,15 @@ def randomize_parameters_(module: torch.nn.Module, seed: int | None = None, bias
 # ----------------------------------------------------------------------------------------
 
 
-def make_tiny_flux_folder(path, guidance_embeds: bool, seed: int = 0) -> Path:
+def make_tiny_flux_folder(
+    path, guidance_embeds: bool, seed: int = 0, transformer_overrides: dict | None = None
+) -> Path:
     """Build a tiny, fully random diffusers ``FluxPipeline`` folder at ``path`` (float32).
 
     ``guidance_embeds=True`` gives a "dev" folder (guidance embedder, dynamic-shift
     scheduler), ``False`` a "schnell" one (no guidance embedder, shift 1.0).
+    ``transformer_overrides`` replace entries of ``TINY_TRANSFORMER_CONFIG`` (e.g.
+    ``in_channels=48, out_channels=16`` for a Fill-layout model, ``32, 16`` for a Control one).
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -211,7 +215,9 @@ def make_tiny_flux_folder(path, guidance_embeds: bool, seed: int = 0) -> Path:
     bos_id, eos_id, pad_id = clip_special_ids(tokenizer)
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(guidance_embeds=guidance_embeds, **TINY_TRANSFORMER_CONFIG)
+    transformer = FluxTransformer2DModel(
+        guidance_embeds=guidance_embeds, **{**TINY_TRANSFORMER_CONFIG, **(transformer_overrides or {})}
+    )
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     t5_config = T5Config(
         vocab_size=len(tokenizer_2),

@@ -48,7 +48,8 @@ def _input_lora_keys(state_dict: Mapping[str, Tensor], transformer: nn.Module) -
     return keys
 
 
-def fit_input_lora(state_dict: dict[str, Tensor], transformer: nn.Module) -> tuple[dict[str, Tensor], InputLayer | None]:
+def fit_input_lora(state_dict: dict[str, Tensor],
+                   transformer: nn.Module) -> tuple[dict[str, Tensor], InputLayer | None]:
     """Widen img_in when the LoRA's img_in A matrices are wider; zero-pad narrower ones.
 
     Returns (the state dict to parse, a copy when padded; the layer as it was before this call, or None when
