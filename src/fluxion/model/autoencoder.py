@@ -259,7 +259,10 @@ class AutoEncoder(nn.Module):
         mean, logvar = self.encode_moments(x)
         z = mean
         if sample:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            # drawn where the generator lives, then moved (as diffusers' randn_tensor): a CPU generator with the
+            # model on an accelerator gives the same sample as on the CPU
+            where = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * noise
         return self.config.scale_factor * (z - self.config.shift_factor)
 
