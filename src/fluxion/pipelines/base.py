@@ -85,28 +85,28 @@ class FluxPipelineOutput:
 class CallArgs:
     """One call's common arguments with defaults filled in and checked (`FluxBasePipeline._common_args`)."""
 
-    prompt: str | list[str] | None
-    prompt_2: str | list[str] | None
-    negative_prompt: str | list[str] | None
-    negative_prompt_2: str | list[str] | None
-    true_cfg_scale: G.GuidanceValue
-    height: int
-    width: int
-    num_inference_steps: int
-    sigmas: list[float] | None
-    guidance_scale: G.GuidanceValue
-    num_images_per_prompt: int
-    generator: torch.Generator | list[torch.Generator] | None
-    latents: Tensor | None
-    prompt_embeds: Tensor | None
-    pooled_prompt_embeds: Tensor | None
-    negative_prompt_embeds: Tensor | None
-    negative_pooled_prompt_embeds: Tensor | None
-    output_type: str
-    return_dict: bool
-    callback_on_step_end: Callable | None
-    max_sequence_length: int
-    cache_threshold: float
+    prompt: str | list[str] | None = None
+    prompt_2: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    negative_prompt_2: str | list[str] | None = None
+    true_cfg_scale: G.GuidanceValue = 1.0
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    sigmas: list[float] | None = None
+    guidance_scale: G.GuidanceValue | None = None
+    num_images_per_prompt: int = 1
+    generator: torch.Generator | list[torch.Generator] | None = None
+    latents: Tensor | None = None
+    prompt_embeds: Tensor | None = None
+    pooled_prompt_embeds: Tensor | None = None
+    negative_prompt_embeds: Tensor | None = None
+    negative_pooled_prompt_embeds: Tensor | None = None
+    output_type: str = "pil"
+    return_dict: bool = True
+    callback_on_step_end: Callable | None = None
+    max_sequence_length: int | None = None
+    cache_threshold: float = 0.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     strength: float = 1.0  # img2img, inpainting, Fill: how far down the schedule to start
@@ -123,6 +123,9 @@ class CallArgs:
 
     def generator_at(self, i: int):
         return self.generator[i] if isinstance(self.generator, list) else self.generator
+
+
+CALL_NAMES = tuple(f.name for f in fields(CallArgs) if f.name != "batch") + ("cache",)
 
 
 class FluxBasePipeline(LoraMixin):
@@ -450,6 +453,18 @@ class FluxBasePipeline(LoraMixin):
     def __call__(self, *args, **kwargs):
         raise NotImplementedError
 
+    def _args_from(self, call: dict, **overrides) -> CallArgs:
+        """The common arguments out of a variant's call (its `locals()`), defaults filled in and checked.
+
+        A variant whose signature has no `negative_prompt` runs without true CFG (as its diffusers twin), whatever
+        the model folder's defaults say; one with `strength` gets the folder's default strength for None."""
+        kw = {k: call[k] for k in CALL_NAMES if k in call}
+        if "negative_prompt" not in call:
+            kw["true_cfg_scale"] = 1.0
+        if "strength" in call and call["strength"] is None:
+            kw["strength"] = self.defaults.strength
+        return self._common_args(**{**kw, **overrides})
+
     def _common_args(self, *, cache: str | None = None, cache_threshold: float | None = None, **kw) -> CallArgs:
         """Fill the defaults of the common arguments and check them all, before any model runs."""
         d = self.defaults
@@ -466,7 +481,7 @@ class FluxBasePipeline(LoraMixin):
         for name in ("num_inference_steps", "guidance_scale", "true_cfg_scale", "max_sequence_length"):
             if kw.get(name) is None:
                 kw[name] = getattr(d, name)
-        if kw.get("negative_prompt") is None and kw.get("negative_prompt_embeds") is None:
+        if kw.get("negative_prompt") is None and kw.get("negative_prompt_embeds") is None and kw["true_cfg_scale"] != 1.0:
             kw["negative_prompt"] = d.negative_prompt
         a = CallArgs(**kw)
         a.batch = self._check_inputs(a)

@@ -70,15 +70,7 @@ class FluxControlPipeline(FluxBasePipeline):
         prompt; PIL images and arrays are resized to height x width (default 1024 x 1024) and scaled to [-1, 1];
         a single [B, 3, H, W] tensor is taken as given (already in [-1, 1], as diffusers takes it) and a
         [B, tokens, C] tensor as already encoded, packed control latents. Plus `cache` / `cache_threshold`."""
-        a = self._common_args(
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=None, negative_prompt_2=None, true_cfg_scale=None,
-            height=height, width=width, num_inference_steps=num_inference_steps, sigmas=sigmas,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type=output_type,
-            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            max_sequence_length=max_sequence_length, cache=cache, cache_threshold=cache_threshold,
-        )
+        a = self._args_from(locals())
         self._check_latents(a)
         control = self._control_input(a, control_image)
         text, negative = self._encode_prompts(a)

@@ -85,16 +85,7 @@ class FluxFillPipeline(FluxBasePipeline):
         channels is taken as its latents. `masked_image_latents` (packed [B, tokens, masked-image + mask
         channels]) replaces `mask_image`; `image` is then needed only when the start is not pure noise
         (strength < 1). Plus `cache="fbcache"` / `cache_threshold` as FluxPipeline."""
-        a = self._common_args(
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=None, negative_prompt_2=None, true_cfg_scale=None,
-            height=height, width=width, num_inference_steps=num_inference_steps, sigmas=sigmas,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type=output_type,
-            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            max_sequence_length=max_sequence_length, cache=cache, cache_threshold=cache_threshold,
-            strength=self.defaults.strength if strength is None else strength,
-        )
+        a = self._args_from(locals())
         self._check_latents(a)
         init, mask = self._fill_inputs(a, image, mask_image, masked_image_latents)
         text, negative = self._encode_prompts(a)

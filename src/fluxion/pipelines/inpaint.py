@@ -73,17 +73,7 @@ class FluxInpaintPipeline(FluxBasePipeline):
         and the noise the original is re-noised with, unpacked [batch * num_images_per_prompt, 16, h, w] as
         diffusers takes them here. `masked_image_latents` are only drawn for (64-channel models do not use them).
         """
-        a = self._common_args(
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            true_cfg_scale=true_cfg_scale, height=height, width=width, num_inference_steps=num_inference_steps,
-            sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            max_sequence_length=max_sequence_length, cache=cache, cache_threshold=cache_threshold,
-            guidance_start=guidance_start, guidance_end=guidance_end,
-            strength=self.defaults.strength if strength is None else strength,
-        )
+        a = self._args_from(locals())
         box = padding_crop(image, mask_image, padding_mask_crop, a.output_type, a.width, a.height)
         resize = "default" if box is None else "fill"
         shape = (self.vae.config.z_channels, *self._latent_grid(a))

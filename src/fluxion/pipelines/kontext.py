@@ -98,17 +98,7 @@ class FluxKontextPipeline(FluxBasePipeline):
         if out_h < multiple or out_w < multiple:
             raise ValueError(f"max_area {max_area} gives a {out_w}x{out_h} output: too small (at least "
                              f"{multiple}x{multiple})")
-        a = self._common_args(
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            true_cfg_scale=true_cfg_scale, height=out_h, width=out_w, num_inference_steps=num_inference_steps,
-            sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, latents=latents, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            max_sequence_length=max_sequence_length, cache=cache, cache_threshold=cache_threshold,
-            guidance_start=guidance_start, guidance_end=guidance_end,
-        )
+        a = self._args_from(locals(), height=out_h, width=out_w)
         self._check_latents(a)
         ref = self._reference(image, a.total, multiple, _auto_resize) if image is not None else None
         text, negative = self._encode_prompts(a)

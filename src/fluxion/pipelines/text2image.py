@@ -60,16 +60,7 @@ class FluxPipeline(FluxBasePipeline):
           `regional_base_ratio` (weight of the base prompt's pass) and `regional_steps` (steps with the regional
           pass, default a third): see `fluxion.pipelines.regional`.
         """
-        a = self._common_args(
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            true_cfg_scale=true_cfg_scale, height=height, width=width, num_inference_steps=num_inference_steps,
-            sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            max_sequence_length=max_sequence_length, cache=cache, cache_threshold=cache_threshold,
-            guidance_start=guidance_start, guidance_end=guidance_end,
-        )
+        a = self._args_from(locals())
         self._check_latents(a)
         regions = R.check(regional_prompts, regional_masks, regional_base_ratio, regional_steps, a.num_inference_steps)
         text, negative = self._encode_prompts(a)
