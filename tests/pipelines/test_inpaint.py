@@ -13,7 +13,7 @@ from PIL import Image
 
 from fixtures import TINY_VAE_CONFIG
 from fluxion.pipelines import image_inputs as II
-from oracle import SEQ, as_array, assert_same_images, load_pair
+from oracle import SEQ, as_array, load_pair
 
 PROMPTS = ["a photo of a red cat on a table", "a painting of a fluffy dragon at sunset"]
 LATENT_CH = TINY_VAE_CONFIG["latent_channels"]

@@ -24,7 +24,7 @@ from ..checkpoints import CheckpointError, load_autoencoder, load_transformer
 from ..checkpoints.pages import release_pages, stream_blocks
 from ..compute import DtypePlan, log_once, parse_dtype, plan, storage_dtype, use_compute_dtype
 from ..flow import (
-    DEV_SCHEDULE, ScheduleConfig, get_schedule, image_ids, initial_noise, latent_grid, pack, strength_start, text_ids,
+    DEV_SCHEDULE, ScheduleConfig, get_schedule, image_ids, initial_noise, latent_grid, strength_start, text_ids,
     unpack,
 )
 from ..lora.pipeline_mixin import LoraMixin
@@ -450,7 +450,13 @@ class FluxBasePipeline(LoraMixin):
 
     # ------------------------------------------------------------ one call, in steps a variant composes
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
+        """Run the variant's `generate` (diffusers' call arguments); `joint_attention_kwargs={"scale": s}` scales
+        the loaded LoRA adapters for this call only."""
+        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
+            return self.generate(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
         raise NotImplementedError
 
     def _args_from(self, call: dict, **overrides) -> CallArgs:
@@ -558,15 +564,16 @@ class FluxBasePipeline(LoraMixin):
             schedule=run, text=text, negative=negative, guidance=g, true_cfg=cfg,
             cache_threshold=a.cache_threshold, **extras,
         )
-        on_step = None
-        if a.callback_on_step_end is not None:
-            def on_step(i: int, x: Tensor) -> Tensor:  # diffusers' callback: (pipe, i, t, tensors) -> tensors
-                out = a.callback_on_step_end(self, i, run[i] * 1000, {"latents": x}) or {}
-                latents = out.get("latents", x)
-                if not isinstance(latents, Tensor) or latents.shape != x.shape:
-                    raise ValueError(f"callback_on_step_end returned latents of shape "
-                                     f"{list(getattr(latents, 'shape', []))} at step {i}; they must keep {list(x.shape)}")
-                return latents
+
+        def callback(i: int, x: Tensor) -> Tensor:  # diffusers' callback: (pipe, i, t, tensors) -> tensors
+            out = a.callback_on_step_end(self, i, run[i] * 1000, {"latents": x}) or {}
+            latents = out.get("latents", x)
+            if not isinstance(latents, Tensor) or latents.shape != x.shape:
+                raise ValueError(f"callback_on_step_end returned latents of shape "
+                                 f"{list(getattr(latents, 'shape', []))} at step {i}; they must keep {list(x.shape)}")
+            return latents
+
+        on_step = callback if a.callback_on_step_end is not None else None
         with self._placed(self.transformer):
             x, stats = denoise(self.transformer, inputs, self._progress_bar if steps else None, on_step)
         return x, stats

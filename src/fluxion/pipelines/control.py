@@ -37,11 +37,6 @@ class FluxControlPipeline(FluxBasePipeline):
                              f"control channels) or a base model with a control LoRA; this transformer takes "
                              f"{c.in_channels} input channels: {model_kind_hint(c)}")
 
-    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
-        """Generate from a control image; takes diffusers' FluxControlPipeline arguments (see `generate`)."""
-        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
-            return self.generate(*args, **kwargs)
-
     @torch.no_grad()
     def generate(
         self,

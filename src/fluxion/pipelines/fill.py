@@ -48,11 +48,6 @@ class FluxFillPipeline(FluxBasePipeline):
                              f"masked-image + mask channels); this transformer takes {c.in_channels} input channels: "
                              f"{model_kind_hint(c)}")
 
-    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
-        """Inpaint / outpaint; takes diffusers' FluxFillPipeline arguments (see `generate`)."""
-        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
-            return self.generate(*args, **kwargs)
-
     @torch.no_grad()
     def generate(
         self,

@@ -25,11 +25,6 @@ IMAGE_CALL_DEFAULTS = {"guidance_scale": 7.0, "strength": 0.6, "num_inference_st
 class FluxImg2ImgPipeline(FluxBasePipeline):
     CALL_DEFAULTS = IMAGE_CALL_DEFAULTS
 
-    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
-        """Turn `image` towards the prompt; takes diffusers' FluxImg2ImgPipeline arguments (see `generate`)."""
-        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
-            return self.generate(*args, **kwargs)
-
     @torch.no_grad()
     def generate(
         self,

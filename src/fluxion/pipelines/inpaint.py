@@ -25,11 +25,6 @@ from .img2img import IMAGE_CALL_DEFAULTS
 class FluxInpaintPipeline(FluxBasePipeline):
     CALL_DEFAULTS = IMAGE_CALL_DEFAULTS
 
-    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
-        """Repaint the masked part of `image`; takes diffusers' FluxInpaintPipeline arguments (see `generate`)."""
-        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
-            return self.generate(*args, **kwargs)
-
     @torch.no_grad()
     def generate(
         self,

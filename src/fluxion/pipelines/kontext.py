@@ -48,11 +48,6 @@ def reference_size(height: int, width: int, multiple: int, auto_resize: bool = T
 class FluxKontextPipeline(FluxBasePipeline):
     CALL_DEFAULTS = {"guidance_scale": 3.5, "num_inference_steps": 28}
 
-    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
-        """Edit `image` as `prompt` says; takes diffusers' FluxKontextPipeline arguments (see `generate`)."""
-        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
-            return self.generate(*args, **kwargs)
-
     @torch.no_grad()
     def generate(
         self,

@@ -13,11 +13,6 @@ from .guidance import GuidanceValue
 
 
 class FluxPipeline(FluxBasePipeline):
-    def __call__(self, *args, joint_attention_kwargs: dict | None = None, **kwargs):
-        """Generate images; takes diffusers' FluxPipeline arguments (see `generate`)."""
-        with self.lora_scale((joint_attention_kwargs or {}).get("scale")):
-            return self.generate(*args, **kwargs)
-
     @torch.no_grad()
     def generate(
         self,
