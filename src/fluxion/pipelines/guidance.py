@@ -65,12 +65,12 @@ def parse(text: str) -> Preset:
     kind, *nums = str(text).strip().split(":")
     try:
         if not nums and kind not in PRESETS:
-            return constant(float(kind))
+            nums, kind = [kind], "constant"
         make, most = PRESETS[kind]
         values = [float(n) for n in nums]
         if not 1 <= len(values) <= most or (kind in ("linear", "cosine") and len(values) != 2):
             raise ValueError
-        if not all(math.isfinite(v) for v in values):
+        if not all(math.isfinite(v) for v in values):  # "nan", "linear:inf:2"
             raise ValueError
         return make(*values)
     except (KeyError, ValueError, TypeError):
@@ -106,7 +106,10 @@ def check(value: GuidanceValue, steps: int, run: int, name: str) -> None:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number, a list, a callable or a preset, got {value!r}")
     if isinstance(value, str):
-        parse(value)
+        try:
+            parse(value)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     elif isinstance(value, (int, float)):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -117,7 +120,10 @@ def check(value: GuidanceValue, steps: int, run: int, name: str) -> None:
                              "per step")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
             raise ValueError(f"{name} values must be finite numbers, got {list(value)!r}")
-    elif not (isinstance(value, Preset) or callable(value)):
+    elif isinstance(value, Preset):
+        if not all(math.isfinite(v) for v in (value.start, value.end, value.at)):
+            raise ValueError(f"{name} must be finite, got the preset {value}")
+    elif not callable(value):
         raise ValueError(f"{name} must be a number, a list, a callable (step, sigma) -> value or a preset, "
                          f"got {type(value).__name__}")
 

@@ -56,7 +56,7 @@ def check(prompts, masks, base_ratio, steps, num_steps: int) -> Regions | None:
         return None
     if prompts is None or masks is None:
         raise ValueError("regional prompting needs both regional_prompts and regional_masks (one mask per prompt)")
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("regional_prompts must be a non-empty list of str")
     if not isinstance(masks, (list, tuple)) or len(masks) != len(prompts):
         got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
