@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import sys
 import time
@@ -51,6 +53,8 @@ def _image_arguments(args) -> dict:
         raise ValueError("--control canny needs --control-image (the picture to take edges from)")
     if args.strength is not None and not args.image:
         raise ValueError("--strength needs --image")
+    if (args.max_area is not None or args.keep_reference_size) and not args.reference:
+        raise ValueError("--max-area and --keep-reference-size need --reference (Kontext)")
     if args.image:
         kw["image"] = load_image(args.image, "--image")
         record["image"] = args.image
@@ -71,6 +75,10 @@ def _image_arguments(args) -> dict:
     if args.reference:
         kw["image"] = load_image(args.reference, "--reference")
         record["reference"] = args.reference
+        if args.max_area is not None:
+            kw["max_area"] = args.max_area
+        if args.keep_reference_size:
+            kw["_auto_resize"] = False
     if args.regional:
         prompts, masks = [], []
         for spec in args.regional:
@@ -84,6 +92,25 @@ def _image_arguments(args) -> dict:
             kw["regional_steps"] = args.regional_steps
         record["regional_masks"] = [spec.rpartition("=")[2] for spec in args.regional]
     return kw, record
+
+
+FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "true_cfg_scale": "--true-cfg",
+         "num_images_per_prompt": "--num-images", "max_sequence_length": "--max-sequence-length",
+         "height": "--height", "width": "--width", "strength": "--strength", "cache_threshold": "--cache-threshold",
+         "regional_base_ratio": "--regional-base-ratio", "regional_steps": "--regional-steps", "max_area": "--max-area"}
+
+
+@contextlib.contextmanager
+def _named_as_flags():
+    """A pipeline's ValueError names its Python argument; on the command line, name the flag too."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e)
+        for name, flag in FLAGS.items():
+            if text.startswith(name + " "):
+                raise ValueError(f"{flag}: {text}") from None
+        raise
 
 
 def cmd_generate(args) -> int:
@@ -107,6 +134,13 @@ def cmd_generate(args) -> int:
     true_cfg = parse(args.true_cfg_schedule) if args.true_cfg_schedule else args.true_cfg
     images, record = _image_arguments(args)
     cls = _pipeline_class(args, model)
+    takes = inspect.signature(cls.generate).parameters
+    for flag, name, value in (("--negative-prompt", "negative_prompt", args.negative_prompt),
+                              ("--true-cfg", "true_cfg_scale", true_cfg)):
+        if value is not None and name not in takes:  # Fill and Control take no negative prompt (as diffusers)
+            raise ValueError(f"{flag} does not apply to {cls.__name__} (its models run without true CFG)")
+        if value is not None:
+            images[name] = value
     extra = {"quantize": args.quantize} if args.quantize else {}
     pipe = cls.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype), compute_dtype=args.compute_dtype, **extra)
     if args.control_lora:
@@ -115,21 +149,20 @@ def cmd_generate(args) -> int:
         _limit_memory(pipe, Path(model) / "transformer", args.max_memory)
     n = args.num_images
     t0 = time.perf_counter()
-    result = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        true_cfg_scale=true_cfg,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=guidance,
-        num_images_per_prompt=n,
-        max_sequence_length=args.max_sequence_length,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-        cache=args.cache,
-        cache_threshold=args.cache_threshold,
-        **images,
-    )
+    with _named_as_flags():
+        result = pipe(
+            prompt=args.prompt,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=n,
+            max_sequence_length=args.max_sequence_length,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            cache=args.cache,
+            cache_threshold=args.cache_threshold,
+            **images,
+        )
     seconds = time.perf_counter() - t0
     compute = str(pipe.compute_plans["transformer"].compute).replace("torch.", "")
     for i, (image, params) in enumerate(zip(result.images, result.parameters)):
@@ -281,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--control-lora", dest="control_lora", default=None,
                     help="a Canny/Depth control LoRA file for a 64-channel base model")
     im.add_argument("--reference", default=None, help="Kontext: the image to edit")
+    im.add_argument("--max-area", dest="max_area", type=int, default=None,
+                    help="Kontext: output pixels (default 1024*1024; --height/--width set only the aspect ratio)")
+    im.add_argument("--keep-reference-size", dest="keep_reference_size", action="store_true",
+                    help="Kontext: keep the reference's own size instead of the nearest preferred (~1 MP) one")
     im.add_argument("--regional", action="append", default=None, metavar="PROMPT=MASK.png",
                     help="a regional prompt and its mask (white = its region); repeat per region")
     im.add_argument("--regional-base-ratio", dest="regional_base_ratio", type=float, default=0.2)
