@@ -55,6 +55,15 @@ def _image_arguments(args) -> dict:
         raise ValueError("--strength needs --image")
     if (args.max_area is not None or args.keep_reference_size) and not args.reference:
         raise ValueError("--max-area and --keep-reference-size need --reference (Kontext)")
+    if bool(args.redux_image) != bool(args.redux_model):
+        raise ValueError("--redux-image needs --redux-model DIR (a FLUX.1 Redux folder), and --redux-model needs "
+                         "--redux-image")
+    if args.redux_image:
+        if not Path(args.redux_model).is_dir():
+            raise ValueError(f"--redux-model {args.redux_model}: no such folder")
+        kw["_redux_images"] = [load_image(p, "--redux-image") for p in args.redux_image]
+        record["redux_image"] = list(args.redux_image)
+        record["redux_model"] = args.redux_model
     if args.image:
         kw["image"] = load_image(args.image, "--image")
         record["image"] = args.image
@@ -149,9 +158,19 @@ def cmd_generate(args) -> int:
         _limit_memory(pipe, Path(model) / "transformer", args.max_memory)
     n = args.num_images
     t0 = time.perf_counter()
+    prompt, redux = args.prompt, images.pop("_redux_images", None)
+    if redux:  # the Redux prior, with this model's text encoders: the prompt and the images become the embeddings
+        from .pipelines.redux import FluxPriorReduxPipeline
+
+        prior = FluxPriorReduxPipeline.from_pretrained(
+            args.redux_model, torch_dtype=_torch_dtype(args.dtype),
+            **{k: getattr(pipe, k) for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
+        images.update(prior(redux, prompt=args.prompt))
+        prompt = None
+        record["prompt"] = args.prompt
     with _named_as_flags():
         result = pipe(
-            prompt=args.prompt,
+            prompt=prompt,
             height=args.height,
             width=args.width,
             num_inference_steps=args.steps,
@@ -318,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Kontext: output pixels (default 1024*1024; --height/--width set only the aspect ratio)")
     im.add_argument("--keep-reference-size", dest="keep_reference_size", action="store_true",
                     help="Kontext: keep the reference's own size instead of the nearest preferred (~1 MP) one")
+    im.add_argument("--redux-image", dest="redux_image", action="append", default=None, metavar="IMG",
+                    help="FLUX.1 Redux: an image prompt (repeat to sum several); needs --redux-model")
+    im.add_argument("--redux-model", dest="redux_model", default=None, metavar="DIR",
+                    help="FLUX.1 Redux folder (image_encoder/, feature_extractor/, image_embedder/ or "
+                         "flux1-redux-dev.safetensors)")
     im.add_argument("--regional", action="append", default=None, metavar="PROMPT=MASK.png",
                     help="a regional prompt and its mask (white = its region); repeat per region")
     im.add_argument("--regional-base-ratio", dest="regional_base_ratio", type=float, default=0.2)

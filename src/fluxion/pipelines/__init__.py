@@ -13,6 +13,8 @@ VARIANTS = {  # class name -> module (imported when first asked for)
     "FluxFillPipeline": "fill",
     "FluxControlPipeline": "control",
     "FluxKontextPipeline": "kontext",
+    "FluxControlNetPipeline": "controlnet",
+    "FluxPriorReduxPipeline": "redux",
 }
 __all__ = ["FluxBasePipeline", "FluxPipeline", "FluxPipelineOutput", "PipelineDefaults", "default_model_dir",
            "model_kind_hint", *VARIANTS]
