@@ -19,10 +19,19 @@ __all__ = [
     "FluxFillPipeline",
     "FluxControlPipeline",
     "FluxKontextPipeline",
+    "FluxControlNetPipeline",
+    "FluxControlNetImg2ImgPipeline",
+    "FluxControlNetInpaintPipeline",
+    "FluxControlNetModel",
+    "FluxMultiControlNetModel",
 ]
 
 
 def __getattr__(name):  # the pipelines pull in transformers: import them only when asked for
+    if name in ("FluxControlNetModel", "FluxMultiControlNetModel"):
+        from .model import controlnet
+
+        return getattr(controlnet, name)
     if name.startswith("Flux") and name.endswith("Pipeline"):
         from . import pipelines
 

@@ -14,6 +14,8 @@ VARIANTS = {  # class name -> module (imported when first asked for)
     "FluxControlPipeline": "control",
     "FluxKontextPipeline": "kontext",
     "FluxControlNetPipeline": "controlnet",
+    "FluxControlNetImg2ImgPipeline": "controlnet",
+    "FluxControlNetInpaintPipeline": "controlnet",
     "FluxPriorReduxPipeline": "redux",
 }
 __all__ = ["FluxBasePipeline", "FluxPipeline", "FluxPipelineOutput", "PipelineDefaults", "default_model_dir",
