@@ -14,8 +14,8 @@ VARIANTS = {  # class name -> module (imported when first asked for)
     "FluxControlPipeline": "control",
     "FluxKontextPipeline": "kontext",
     "FluxControlNetPipeline": "controlnet",
-    "FluxControlNetImg2ImgPipeline": "controlnet",
-    "FluxControlNetInpaintPipeline": "controlnet",
+    "FluxControlNetImg2ImgPipeline": "controlnet_img2img",
+    "FluxControlNetInpaintPipeline": "controlnet_inpaint",
     "FluxPriorReduxPipeline": "redux",
 }
 __all__ = ["FluxBasePipeline", "FluxPipeline", "FluxPipelineOutput", "PipelineDefaults", "default_model_dir",

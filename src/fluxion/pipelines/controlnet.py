@@ -24,16 +24,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..flow import image_ids, noised, pack
+from ..flow import image_ids, pack
 from ..model.controlnet import FluxControlNetModel, FluxMultiControlNetModel
 from . import guidance as G
 from .base import FluxBasePipeline
 from .guidance import GuidanceValue
-from .image_inputs import init_image, overlay, padding_crop, preprocess_image, preprocess_mask
-from .img2img import IMAGE_CALL_DEFAULTS
+from .image_inputs import preprocess_image
 
 
 class FluxControlNetPipeline(FluxBasePipeline):
@@ -247,158 +245,3 @@ class FluxControlNetPipeline(FluxBasePipeline):
         if net.config.has_hint_block:
             return pixels.to(self.device)
         return pack(self.encode_image(pixels, a.generator)).to(self.device)
-
-
-class FluxControlNetImg2ImgPipeline(FluxControlNetPipeline):
-    """diffusers' FluxControlNetImg2ImgPipeline: img2img (`strength`, as FluxImg2ImgPipeline) with ControlNets.
-    Generator draws in diffusers' order: the control image(s), the init image, the noise; the control window
-    counts the steps run after the strength cut."""
-
-    CALL_DEFAULTS = IMAGE_CALL_DEFAULTS
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        image=None,
-        control_image=None,
-        height: int | None = None,
-        width: int | None = None,
-        strength: float | None = None,
-        num_inference_steps: int | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: GuidanceValue | None = None,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        control_mode: int | list[int] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: Tensor | None = None,
-        prompt_embeds: Tensor | None = None,
-        pooled_prompt_embeds: Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int | None = None,
-        cache: str | None = None,
-        cache_threshold: float | None = None,
-    ):
-        """diffusers' FluxControlNetImg2ImgPipeline arguments (strength 0.6, 28 steps, guidance 7.0); `image` as
-        FluxImg2ImgPipeline takes it, the control arguments as FluxControlNetPipeline's."""
-        if self.controlnet is None:
-            raise ValueError("FluxControlNetImg2ImgPipeline has no ControlNet: pass controlnet= to from_pretrained")
-        a = self._args_from(locals())
-        self._check_latents(a)
-        pixels = init_image(image, a.height, a.width, a.total, (self.vae.config.z_channels, *self._latent_grid(a)))
-        plan = self._control_plan(a, control_image, control_mode, controlnet_conditioning_scale,
-                                  control_guidance_start, control_guidance_end)
-        text, _ = self._encode_prompts(a)
-        conds = self._control_inputs(a, plan)
-        schedule, t_start = self._schedule(a)
-        if a.latents is None:
-            z = self._init_image_latents(a, pixels)  # the init image's sample, then the noise
-            start = pack(noised(z, self._noise(a), schedule[t_start]))
-        else:
-            start = a.latents
-        x, stats = self._denoise(a, text, None, start, schedule, t_start,
-                                 residuals=self._residuals(a, text, schedule, t_start, plan, conds))
-        return self._finish(a, x, a.num_inference_steps, stats, False,
-                            {"strength": a.strength, **self._describe(plan)})
-
-
-class FluxControlNetInpaintPipeline(FluxControlNetPipeline):
-    """diffusers' FluxControlNetInpaintPipeline: inpainting (as FluxInpaintPipeline: mask binarised, re-noised
-    original blended outside it after every step, `padding_mask_crop`) with ControlNets. Generator draws in
-    diffusers' order: the control image(s), the init image, the noise, the masked image (encoded, unused by
-    64-channel models). The control image is resized to (height, width), never cropped. With `padding_mask_crop`
-    the generated crop is pasted back into the original, as FluxInpaintPipeline (and diffusers' own
-    FluxInpaintPipeline) does; diffusers' ControlNet inpaint variant returns the bare crop instead."""
-
-    CALL_DEFAULTS = IMAGE_CALL_DEFAULTS
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        image=None,
-        mask_image=None,
-        masked_image_latents: Tensor | None = None,
-        control_image=None,
-        height: int | None = None,
-        width: int | None = None,
-        strength: float | None = None,
-        padding_mask_crop: int | None = None,
-        sigmas: list[float] | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: GuidanceValue | None = None,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        control_mode: int | list[int] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: Tensor | None = None,
-        prompt_embeds: Tensor | None = None,
-        pooled_prompt_embeds: Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int | None = None,
-        cache: str | None = None,
-        cache_threshold: float | None = None,
-    ):
-        """diffusers' FluxControlNetInpaintPipeline arguments (strength 0.6, 28 steps, guidance 7.0); `image`,
-        `mask_image`, `masked_image_latents`, `padding_mask_crop` and `latents` as FluxInpaintPipeline takes them,
-        the control arguments as FluxControlNetPipeline's."""
-        from .inpaint import FluxInpaintPipeline
-
-        if self.controlnet is None:
-            raise ValueError("FluxControlNetInpaintPipeline has no ControlNet: pass controlnet= to from_pretrained")
-        a = self._args_from(locals())
-        box = padding_crop(image, mask_image, padding_mask_crop, a.output_type, a.width, a.height)
-        resize = "default" if box is None else "fill"
-        shape = (self.vae.config.z_channels, *self._latent_grid(a))
-        pixels = init_image(image, a.height, a.width, a.total, shape, crop=box, resize_mode=resize)
-        if mask_image is None:
-            raise ValueError("mask_image is required (white = the region to repaint)")
-        mask = preprocess_mask(mask_image, a.height, a.width, crop=box, resize_mode=resize)
-        if a.total % mask.shape[0]:
-            raise ValueError(f"mask_image holds {mask.shape[0]} masks for {a.total} outputs (batch x "
-                             "num_images_per_prompt): give one mask, or a number that divides the outputs")
-        draw_masked_image = FluxInpaintPipeline._masked_image_draw(self, a, pixels, mask, masked_image_latents)
-        if a.latents is not None and tuple(a.latents.shape) != (a.total, *shape):
-            raise ValueError(f"latents must be unpacked [batch*num_images_per_prompt, channels, h, w] = "
-                             f"{[a.total, *shape]} for {a.height}x{a.width}, got {list(a.latents.shape)}")
-        plan = self._control_plan(a, control_image, control_mode, controlnet_conditioning_scale,
-                                  control_guidance_start, control_guidance_end)
-        text, _ = self._encode_prompts(a)
-        conds = self._control_inputs(a, plan)  # the control draws come first
-        schedule, t_start = self._schedule(a)
-        z = self._init_image_latents(a, pixels)  # the image sample
-        if a.latents is None:
-            noise = self._noise(a)
-            start = noised(z, noise, schedule[t_start])
-        else:
-            noise = start = a.latents.to(self.device, z.dtype)
-        draw_masked_image()
-        keep = F.interpolate(mask, size=shape[1:]).repeat(a.total // mask.shape[0], shape[0], 1, 1)
-        dtype = self.transformer.compute_dtype
-        z, noise, keep = (pack(t).to(self.device, dtype) for t in (z, noise, keep))
-        run = schedule[t_start:]
-
-        def blend(i: int, x: Tensor) -> Tensor:
-            original = z if i == len(run) - 2 else noised(z, noise, run[i + 1])
-            return (1 - keep) * original + keep * x
-
-        x, stats = self._denoise(a, text, None, pack(start), schedule, t_start, blend=blend,
-                                 residuals=self._residuals(a, text, schedule, t_start, plan, conds))
-        extra = {"strength": a.strength, "padding_mask_crop": padding_mask_crop, **self._describe(plan)}
-        images = None
-        if box is not None:
-            images = [overlay(mask_image, image, im, box) for im in self.decode(x, a.height, a.width, "pil")]
-        return self._finish(a, x, a.num_inference_steps, stats, False, extra, images)

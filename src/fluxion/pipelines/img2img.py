@@ -70,10 +70,14 @@ class FluxImg2ImgPipeline(FluxBasePipeline):
         pixels = init_image(image, a.height, a.width, a.total, (self.vae.config.z_channels, *self._latent_grid(a)))
         text, negative = self._encode_prompts(a)
         schedule, t_start = self._schedule(a)
-        if a.latents is None:
-            z = self._init_image_latents(a, pixels)  # draws the image sample first, then the noise
-            start = pack(noised(z, self._noise(a), schedule[t_start]))
-        else:
-            start = a.latents
+        start = self._img2img_start(a, pixels, schedule, t_start)
         x, stats = self._denoise(a, text, negative, start, schedule, t_start)
         return self._finish(a, x, a.num_inference_steps, stats, negative is not None, {"strength": a.strength})
+
+    def _img2img_start(self, a, pixels: Tensor, schedule: Tensor, t_start: int) -> Tensor:
+        """Packed start latents: the image's posterior sample (drawn first), then the noise, mixed at the cut's
+        sigma; or the caller's `latents` as given (shared with FluxControlNetImg2ImgPipeline)."""
+        if a.latents is not None:
+            return a.latents
+        z = self._init_image_latents(a, pixels)
+        return pack(noised(z, self._noise(a), schedule[t_start]))

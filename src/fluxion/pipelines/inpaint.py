@@ -10,6 +10,7 @@ resize_mode="fill", and pastes the result back into the original (`image_inputs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,15 @@ from .base import CallArgs, FluxBasePipeline
 from .guidance import GuidanceValue
 from .image_inputs import init_image, overlay, padding_crop, preprocess_mask
 from .img2img import IMAGE_CALL_DEFAULTS
+
+
+@dataclass
+class InpaintInputs:
+    box: tuple | None  # padding_mask_crop's crop box
+    shape: tuple[int, int, int]  # latent (channels, h, w)
+    pixels: Tensor
+    mask: Tensor  # [n, 1, H, W], 1 = repaint
+    draw_masked_image: Callable[[], None]
 
 
 class FluxInpaintPipeline(FluxBasePipeline):
@@ -69,6 +79,19 @@ class FluxInpaintPipeline(FluxBasePipeline):
         diffusers takes them here. `masked_image_latents` are only drawn for (64-channel models do not use them).
         """
         a = self._args_from(locals())
+        prep = self._inpaint_inputs(a, image, mask_image, masked_image_latents, padding_mask_crop)
+        text, negative = self._encode_prompts(a)
+        schedule, t_start = self._schedule(a)
+        start, blend = self._inpaint_start(a, prep, schedule, t_start)
+        x, stats = self._denoise(a, text, negative, start, schedule, t_start, blend=blend)
+        return self._finish(a, x, a.num_inference_steps, stats, negative is not None,
+                            {"strength": a.strength, "padding_mask_crop": padding_mask_crop},
+                            self._pasted(prep, x, a, image, mask_image))
+
+    # the steps of an inpainting call, shared with FluxControlNetInpaintPipeline
+
+    def _inpaint_inputs(self, a: CallArgs, image, mask_image, masked_image_latents, padding_mask_crop) -> InpaintInputs:
+        """Preprocess and check the image, the mask and `masked_image_latents` (before any model runs)."""
         box = padding_crop(image, mask_image, padding_mask_crop, a.output_type, a.width, a.height)
         resize = "default" if box is None else "fill"
         shape = (self.vae.config.z_channels, *self._latent_grid(a))
@@ -83,15 +106,19 @@ class FluxInpaintPipeline(FluxBasePipeline):
         if a.latents is not None and tuple(a.latents.shape) != (a.total, *shape):
             raise ValueError(f"latents must be unpacked [batch*num_images_per_prompt, channels, h, w] = "
                              f"{[a.total, *shape]} for {a.height}x{a.width}, got {list(a.latents.shape)}")
-        text, negative = self._encode_prompts(a)
-        schedule, t_start = self._schedule(a)
-        z = self._init_image_latents(a, pixels)  # draw 1: the image sample
+        return InpaintInputs(box, shape, pixels, mask, draw_masked_image)
+
+    def _inpaint_start(self, a: CallArgs, prep: InpaintInputs, schedule: Tensor, t_start: int):
+        """(packed start latents, the per-step blend), drawing as diffusers does: the image sample, the noise,
+        the masked image."""
+        z = self._init_image_latents(a, prep.pixels)  # draw 1: the image sample
         if a.latents is None:
             noise = self._noise(a)  # draw 2
             start = noised(z, noise, schedule[t_start])
         else:
             noise = start = a.latents.to(self.device, z.dtype)
-        draw_masked_image()  # draw 3
+        prep.draw_masked_image()  # draw 3
+        shape, mask = prep.shape, prep.mask
         keep = F.interpolate(mask, size=shape[1:]).repeat(a.total // mask.shape[0], shape[0], 1, 1)
         dtype = self.transformer.compute_dtype
         z, noise, keep = (pack(t).to(self.device, dtype) for t in (z, noise, keep))
@@ -101,12 +128,13 @@ class FluxInpaintPipeline(FluxBasePipeline):
             original = z if i == len(run) - 2 else noised(z, noise, run[i + 1])
             return (1 - keep) * original + keep * x
 
-        x, stats = self._denoise(a, text, negative, pack(start), schedule, t_start, blend=blend)
-        extra = {"strength": a.strength, "padding_mask_crop": padding_mask_crop}
-        images = None
-        if box is not None:
-            images = [overlay(mask_image, image, im, box) for im in self.decode(x, a.height, a.width, "pil")]
-        return self._finish(a, x, a.num_inference_steps, stats, negative is not None, extra, images)
+        return pack(start), blend
+
+    def _pasted(self, prep: InpaintInputs, x: Tensor, a: CallArgs, image, mask_image):
+        """With `padding_mask_crop`: the generated crop pasted back into the original (PIL images); else None."""
+        if prep.box is None:
+            return None
+        return [overlay(mask_image, image, im, prep.box) for im in self.decode(x, a.height, a.width, "pil")]
 
     def _masked_image_draw(self, a: CallArgs, pixels: Tensor, mask: Tensor, given) -> Callable[[], None]:
         """Check `masked_image_latents`; return what stands in for diffusers' encoding of the masked image.
