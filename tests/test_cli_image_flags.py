@@ -113,3 +113,30 @@ def test_numeric_flags_give_an_image_or_one_error_naming_the_flag(tiny_dev_dir, 
     else:
         assert code == 2 and flag in err.strip().splitlines()[-1], err
         assert not written
+
+
+def test_controlnet_flags(tiny_dev_dir, pictures, tmp_path):
+    from controlnet_fixtures import save_diffusers_controlnet
+
+    net = save_diffusers_controlnet(tmp_path / "net", seed=1)
+    union = save_diffusers_controlnet(tmp_path / "union", seed=2, num_mode=4)
+    photo = str(pictures / "photo.png")
+    out = tmp_path / "cn.png"
+    assert generate(tiny_dev_dir, out, "--controlnet", str(net), "--control-image", photo,
+                    "--controlnet-scale", "0.7") == 0
+    p = read_parameters(out)
+    assert p["pipeline"] == "FluxControlNetPipeline" and p["controlnet"] == [str(net)]
+    two = tmp_path / "two.png"
+    assert generate(tiny_dev_dir, two, "--controlnet", str(net), "--controlnet", str(union), "--control-image", photo,
+                    "--control-mode", "0", "--control-mode", "2", "--controlnet-scale", "0.5",
+                    "--controlnet-scale", "0.8", "--image", photo) == 0
+    assert read_parameters(two)["pipeline"] == "FluxControlNetImg2ImgPipeline"
+    assert np.abs(np.asarray(Image.open(out), float) - np.asarray(Image.open(two), float)).max() > 1
+
+
+def test_controlnet_flags_are_checked_first(tmp_path, capsys):
+    assert main(["generate", "x", "--controlnet", str(tmp_path / "nope"), "--control-image", "x.png",
+                 "--out", str(tmp_path / "o.png")]) == 2
+    assert "--control" in capsys.readouterr().err
+    assert main(["generate", "x", "--control-mode", "1", "--out", str(tmp_path / "o.png")]) == 2
+    assert "--control-mode and --controlnet-scale need --controlnet" in capsys.readouterr().err

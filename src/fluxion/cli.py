@@ -31,6 +31,9 @@ def _pipeline_class(args, model: str):
     in_ch, out_ch = layout.get("in_channels", 64), layout.get("out_channels") or layout.get("in_channels", 64)
     if args.reference:
         return P.FluxKontextPipeline
+    if args.controlnet:
+        return (P.FluxControlNetInpaintPipeline if args.mask else P.FluxControlNetImg2ImgPipeline if args.image
+                else P.FluxControlNetPipeline)
     if args.control_image:
         return P.FluxControlPipeline
     if in_ch > 2 * out_ch or (args.mask and in_ch != out_ch):
@@ -51,6 +54,13 @@ def _image_arguments(args) -> dict:
         raise ValueError("--mask needs --image (the picture to repaint)")
     if args.control and not args.control_image:
         raise ValueError("--control canny needs --control-image (the picture to take edges from)")
+    if args.controlnet and not args.control_image:
+        raise ValueError("--controlnet needs --control-image (the structure image the ControlNet follows)")
+    if (args.control_mode or args.controlnet_scale) and not args.controlnet:
+        raise ValueError("--control-mode and --controlnet-scale need --controlnet")
+    for path in args.controlnet or []:
+        if not Path(path).exists():
+            raise ValueError(f"--controlnet {path}: no such file or folder")
     if args.strength is not None and not args.image:
         raise ValueError("--strength needs --image")
     if (args.max_area is not None or args.keep_reference_size) and not args.reference:
@@ -79,8 +89,15 @@ def _image_arguments(args) -> dict:
 
             control = canny(control, args.canny_low, args.canny_high)
             record["control"] = f"canny:{args.canny_low}:{args.canny_high}"
-        kw["control_image"] = control
+        kw["control_image"] = control if len(args.controlnet or []) < 2 else [control] * len(args.controlnet)
         record["control_image"] = args.control_image
+    if args.controlnet:
+        record["controlnet"] = list(args.controlnet)
+        if args.control_mode:
+            kw["control_mode"] = args.control_mode if len(args.control_mode) > 1 else args.control_mode[0]
+        if args.controlnet_scale:
+            kw["controlnet_conditioning_scale"] = (args.controlnet_scale if len(args.controlnet_scale) > 1
+                                                   else args.controlnet_scale[0])
     if args.reference:
         kw["image"] = load_image(args.reference, "--reference")
         record["reference"] = args.reference
@@ -151,6 +168,8 @@ def cmd_generate(args) -> int:
         if value is not None:
             images[name] = value
     extra = {"quantize": args.quantize} if args.quantize else {}
+    if args.controlnet:
+        extra["controlnet"] = _load_controlnets(args.controlnet, _torch_dtype(args.dtype))
     pipe = cls.from_pretrained(model, torch_dtype=_torch_dtype(args.dtype), compute_dtype=args.compute_dtype, **extra)
     if args.control_lora:
         pipe.load_lora_weights(args.control_lora)
@@ -191,6 +210,15 @@ def cmd_generate(args) -> int:
         print(f"wrote {path} ({image.width}x{image.height})")
     print(f"{seconds:.2f} s for {n} image{'s' if n > 1 else ''} (model loaded)")
     return 0
+
+
+def _load_controlnets(paths: list[str], dtype):
+    """One ControlNet per --controlnet (a diffusers folder, or one file: XLabs or InstantX); several are summed."""
+    from .model.controlnet import FluxControlNetModel, FluxMultiControlNetModel
+
+    nets = [FluxControlNetModel.from_pretrained(p, torch_dtype=dtype) if Path(p).is_dir()
+            else FluxControlNetModel.from_single_file(p, torch_dtype=dtype) for p in paths]
+    return nets[0] if len(nets) == 1 else FluxMultiControlNetModel(nets)
 
 
 def _limit_memory(pipe, transformer_dir: Path, gib: float) -> None:
@@ -332,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--canny-high", dest="canny_high", type=int, default=200)
     im.add_argument("--control-lora", dest="control_lora", default=None,
                     help="a Canny/Depth control LoRA file for a 64-channel base model")
+    im.add_argument("--controlnet", action="append", default=None, metavar="PATH",
+                    help="a ControlNet (diffusers folder, or an XLabs / InstantX file) following --control-image; "
+                         "repeat to sum several")
+    im.add_argument("--control-mode", dest="control_mode", type=int, action="append", default=None,
+                    help="Union ControlNets: the control mode (one, or one per --controlnet)")
+    im.add_argument("--controlnet-scale", dest="controlnet_scale", type=float, action="append", default=None,
+                    help="controlnet_conditioning_scale (one, or one per --controlnet)")
     im.add_argument("--reference", default=None, help="Kontext: the image to edit")
     im.add_argument("--max-area", dest="max_area", type=int, default=None,
                     help="Kontext: output pixels (default 1024*1024; --height/--width set only the aspect ratio)")
