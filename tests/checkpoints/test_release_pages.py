@@ -161,7 +161,7 @@ def test_stream_blocks_releases_each_block_after_its_forward(gguf_path, madvised
 def released(monkeypatch):
     """The modules FluxPipeline's offload gives back, in order (still released)."""
     seen = []
-    import fluxion.pipelines.base as pipeline_module
+    import fluxion.pipelines.placement as pipeline_module
 
     def record(module):
         seen.append(module)

@@ -1,17 +1,16 @@
-"""What every FLUX pipeline shares: loading (`from_pretrained`, `from_pipe`), placement and offload, prompt
-encoding, image encoding, decoding, output and metadata, and the argument checks common to all variants.
+"""What every FLUX pipeline shares: loading (`from_pretrained`, `from_pipe`), its parts under diffusers' names,
+prompt and image encoding, decoding, output and metadata, and the steps of a call that variants compose
+(arguments and their checks: `arguments.py`; placement and offload: `placement.py`).
 
 Each variant (text2image, img2img, inpaint, fill, control, kontext) is a small module that checks its own
 inputs, prepares the latents and conditioning in diffusers' order, and runs `core.denoise`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -21,8 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpoints import CheckpointError, load_autoencoder, load_transformer
-from ..checkpoints.pages import release_pages, stream_blocks
-from ..compute import DtypePlan, log_once, parse_dtype, plan, storage_dtype, use_compute_dtype
+from ..compute import parse_dtype
 from ..flow import (
     DEV_SCHEDULE, ScheduleConfig, get_schedule, image_ids, initial_noise, latent_grid, strength_start, text_ids,
     unpack,
@@ -32,10 +30,11 @@ from ..model.autoencoder import AutoEncoder
 from ..model.text_encoders import CLIPEmbedder, T5Embedder, load_tokenizer
 from ..model.transformer import FluxTransformer
 from . import guidance as G
+from .arguments import CALL_NAMES, CallArgs, PipelineDefaults, check_call, match_batch, prompt_list
 from .core import DenoiseInputs, TextConditioning, denoise
+from .placement import Placement
 
 log = logging.getLogger(__name__)
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PART_NAMES = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 
@@ -56,79 +55,13 @@ def _weights_dtype(value) -> torch.dtype:
 
 
 @dataclass
-class PipelineDefaults:
-    """Call defaults: diffusers' values for each pipeline class (its `CALL_DEFAULTS`), except
-    max_sequence_length 256 for schnell-style models; a model folder may set its own in model_index.json under
-    `_fluxion_defaults` (fluxion-mini does), which win."""
-
-    sample_size: int = 128  # in latent pixels; x vae_scale_factor gives the image side
-    num_inference_steps: int = 28
-    guidance_scale: float = 3.5
-    max_sequence_length: int = 512
-    true_cfg_scale: float = 1.0
-    negative_prompt: str | None = None  # used with true_cfg_scale > 1 when the call gives none
-    strength: float = 0.6  # img2img, inpainting, Fill
-
-    @classmethod
-    def for_model(cls, guidance_embed: bool, **overrides) -> "PipelineDefaults":
-        return cls(**{"max_sequence_length": 512 if guidance_embed else 256, **overrides})
-
-
-@dataclass
 class FluxPipelineOutput:
     images: list[Image.Image] | np.ndarray | Tensor
     parameters: list[dict] = field(default_factory=list)  # generation parameters, one dict per image
     cache_stats: dict = field(default_factory=dict)  # steps seen / reused by the step cache in this call
 
 
-@dataclass
-class CallArgs:
-    """One call's common arguments with defaults filled in and checked (`FluxBasePipeline._common_args`)."""
-
-    prompt: str | list[str] | None = None
-    prompt_2: str | list[str] | None = None
-    negative_prompt: str | list[str] | None = None
-    negative_prompt_2: str | list[str] | None = None
-    true_cfg_scale: G.GuidanceValue = 1.0
-    height: int | None = None
-    width: int | None = None
-    num_inference_steps: int | None = None
-    sigmas: list[float] | None = None
-    guidance_scale: G.GuidanceValue | None = None
-    num_images_per_prompt: int = 1
-    generator: torch.Generator | list[torch.Generator] | None = None
-    latents: Tensor | None = None
-    prompt_embeds: Tensor | None = None
-    pooled_prompt_embeds: Tensor | None = None
-    negative_prompt_embeds: Tensor | None = None
-    negative_pooled_prompt_embeds: Tensor | None = None
-    output_type: str = "pil"
-    return_dict: bool = True
-    callback_on_step_end: Callable | None = None
-    max_sequence_length: int | None = None
-    cache_threshold: float = 0.0
-    guidance_start: float = 0.0
-    guidance_end: float = 1.0
-    strength: float = 1.0  # img2img, inpainting, Fill: how far down the schedule to start
-    batch: int = 1  # prompts
-
-    @property
-    def total(self) -> int:
-        return self.batch * self.num_images_per_prompt
-
-    @property
-    def do_true_cfg(self) -> bool:
-        has_negative = self.negative_prompt is not None or self.negative_prompt_embeds is not None
-        return has_negative and G.may_exceed_one(self.true_cfg_scale)
-
-    def generator_at(self, i: int):
-        return self.generator[i] if isinstance(self.generator, list) else self.generator
-
-
-CALL_NAMES = tuple(f.name for f in fields(CallArgs) if f.name != "batch") + ("cache",)
-
-
-class FluxBasePipeline(LoraMixin):
+class FluxBasePipeline(Placement, LoraMixin):
     CALL_DEFAULTS: dict = {}  # diffusers' call defaults of this class, over PipelineDefaults' (the folder's win)
 
     def __init__(
@@ -285,114 +218,6 @@ class FluxBasePipeline(LoraMixin):
         new._progress = dict(pipeline._progress)
         return new
 
-    # ------------------------------------------------------------ placement
-
-    def to(self, device=None, dtype: torch.dtype | None = None):
-        if isinstance(device, torch.dtype):
-            device, dtype = None, device
-        if device is not None:
-            self._device = torch.device(device)
-        for m in self._modules().values():
-            m.to(device=self._device, dtype=dtype)
-        self.set_compute_dtype(self._compute_override)  # the device or the storage dtype may have changed
-        return self
-
-    def set_compute_dtype(self, compute_dtype: str | torch.dtype | None = None) -> dict[str, DtypePlan]:
-        """Choose the dtype each part computes in; weights keep their storage dtype (`fluxion.compute`).
-
-        None / "auto": bf16 weights compute in bf16 where the CPU has bf16 units, and in float32 (upcast per
-        layer, per call) where it has not; "float32" / "bfloat16" force it ($FLUXION_COMPUTE_DTYPE too).
-        Returns the plan per part (also kept as `compute_plans`); the choice is logged once.
-        """
-        self._compute_override = compute_dtype
-        plans = {}
-        for name, module in self._modules().items():
-            p = plan(storage_dtype(module), self._offload_device or self._device, compute_dtype)
-            if p.upcasts or getattr(module, "_fluxion_compute_dtype", None) is not None:
-                use_compute_dtype(module, p.compute)
-            log_once(p)
-            plans[name] = p
-        self.compute_plans = plans
-        return plans
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
-        """Keep every part on the CPU and move each to the accelerator only while it runs.
-
-        On a CPU-only machine everything already runs where it lives; there, each part's memory-mapped weights
-        (zero-copy .safetensors tensors, GGUF/fp8 quantized weights) give their resident pages back once it has
-        run (`fluxion.checkpoints.pages.release_pages`): the text encoders after the prompts are encoded, the
-        transformer before the VAE decodes. The page cache keeps the data, so the next call re-reads it from
-        memory; weights held as copies (converted dtypes) are not affected.
-        """
-        target = torch.device(device) if device is not None else (
-            torch.device("cuda", gpu_id or 0) if torch.cuda.is_available() else torch.device("cpu")
-        )
-        self._offload_device = target if target.type != "cpu" else None  # set first: .to() plans for it
-        self._release_after_use = target.type == "cpu"
-        self.to("cpu")
-        self._device = target
-        return self
-
-    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
-        """`enable_model_cpu_offload`, and on a CPU-only machine also stream the transformer's and T5's blocks:
-        each block gives its mapped pages back right after its forward, so about one block's weights are
-        resident at a time (the page cache re-serves them at the next step). With an accelerator, parts move
-        whole (per-part placement is the finest we do there)."""
-        self.enable_model_cpu_offload(gpu_id, device)
-        if self._release_after_use and not self._block_hooks:
-            for model in (self.transformer, self.t5.model):
-                self._block_hooks += stream_blocks(model)
-        return self
-
-    def enable_vae_tiling(self, **kwargs):
-        """Decode (and encode) large images in overlapping VAE tiles: see `AutoEncoder.enable_tiling`."""
-        self.vae.enable_tiling(**kwargs)
-        return self
-
-    def disable_vae_tiling(self):
-        self.vae.disable_tiling()
-        return self
-
-    def enable_vae_slicing(self):
-        """Decode a batch one image at a time: see `AutoEncoder.enable_slicing`."""
-        self.vae.enable_slicing()
-        return self
-
-    def disable_vae_slicing(self):
-        self.vae.disable_slicing()
-        return self
-
-    def enable_cache(self, kind: str = "fbcache", threshold: float = 0.1) -> None:
-        """Step caching for every later call (a call's `cache=` / `cache_threshold=` still win)."""
-        if kind != "fbcache":
-            raise ValueError(f"cache kind must be 'fbcache', got {kind!r}")
-        self._cache = (kind, threshold)
-
-    def disable_cache(self) -> None:
-        self._cache = (None, None)
-
-    def set_progress_bar_config(self, **kwargs):
-        self._progress.update(kwargs)
-
-    @contextlib.contextmanager
-    def _placed(self, module: torch.nn.Module):
-        if self._offload_device is None:
-            try:
-                yield module
-            finally:
-                if self._release_after_use:
-                    release_pages(module)
-            return
-        module.to(self._offload_device)
-        try:
-            yield module
-        finally:
-            module.to("cpu")
-
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.downsample_factor
@@ -490,7 +315,7 @@ class FluxBasePipeline(LoraMixin):
         if kw.get("negative_prompt") is None and kw.get("negative_prompt_embeds") is None and kw["true_cfg_scale"] != 1.0:
             kw["negative_prompt"] = d.negative_prompt
         a = CallArgs(**kw)
-        a.batch = self._check_inputs(a)
+        a.batch = check_call(self, a)
         return a
 
     def _encode_prompts(self, a: CallArgs) -> tuple[TextConditioning, TextConditioning | None]:
@@ -506,8 +331,8 @@ class FluxBasePipeline(LoraMixin):
         if not a.do_true_cfg:
             return text, None
         if a.negative_prompt_embeds is None:
-            neg = self._match_batch(a.negative_prompt, a.batch, "negative_prompt")
-            neg_2 = None if a.negative_prompt_2 is None else self._match_batch(a.negative_prompt_2, a.batch,
+            neg = match_batch(a.negative_prompt, a.batch, "negative_prompt")
+            neg_2 = None if a.negative_prompt_2 is None else match_batch(a.negative_prompt_2, a.batch,
                                                                                "negative_prompt_2")
             return text, TextConditioning(*self.encode_prompt(neg, neg_2, a.num_images_per_prompt,
                                                               a.max_sequence_length))
@@ -597,7 +422,7 @@ class FluxBasePipeline(LoraMixin):
                 "model": self.model_path,
                 **(extra or {}),
             }
-            for p, n in zip(self._prompt_list(a.prompt, a.batch), self._prompt_list(a.negative_prompt, a.batch))
+            for p, n in zip(prompt_list(a.prompt, a.batch), prompt_list(a.negative_prompt, a.batch))
             for _ in range(a.num_images_per_prompt)
         ]
         if images is None:
@@ -605,138 +430,6 @@ class FluxBasePipeline(LoraMixin):
         if not a.return_dict:
             return (images,)
         return FluxPipelineOutput(images=images, parameters=params, cache_stats=stats)
-
-    # ------------------------------------------------------------ helpers
-
-    def _progress_bar(self, steps):
-        from tqdm.auto import tqdm
-
-        return tqdm(steps, desc="sampling", unit="step", **self._progress)
-
-    @staticmethod
-    def _prompt_list(prompt, batch: int) -> list:
-        if prompt is None or isinstance(prompt, str):
-            return [prompt] * batch
-        return list(prompt)
-
-    @staticmethod
-    def _match_batch(value: str | list[str], batch: int, name: str) -> list[str]:
-        if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{name} must be a str or a list of str, got {type(value).__name__}")
-        values = [value] * batch if isinstance(value, str) else list(value)
-        if len(values) != batch:
-            raise ValueError(f"{name} has {len(values)} entries but there are {batch} prompts")
-        return values
-
-    def _check_inputs(self, a: CallArgs) -> int:
-        """All common argument checks, before any model runs; returns the number of prompts."""
-        prompt, prompt_embeds = a.prompt, a.prompt_embeds
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("pass a prompt (str or list of str) or prompt_embeds")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either prompt or prompt_embeds, not both")
-        if prompt_embeds is not None and a.pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP pooled vector)")
-        if prompt is not None:
-            if isinstance(prompt, str):
-                batch = 1
-            elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
-                if not prompt:
-                    raise ValueError("prompt is an empty list: give at least one prompt")
-                batch = len(prompt)
-            else:
-                raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-        else:
-            batch = prompt_embeds.shape[0]
-            cfg = self.transformer.config
-            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.context_in_dim:
-                raise ValueError(f"prompt_embeds must be [B, L, {cfg.context_in_dim}], got {list(prompt_embeds.shape)}")
-            if tuple(a.pooled_prompt_embeds.shape) != (batch, cfg.vec_in_dim):
-                raise ValueError(f"pooled_prompt_embeds must be [{batch}, {cfg.vec_in_dim}], "
-                                 f"got {list(a.pooled_prompt_embeds.shape)}")
-        for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
-            value = getattr(a, name)
-            if value is not None and not isinstance(value, str):
-                self._match_batch(value, batch, name)
-        if a.sigmas is not None:
-            s = list(a.sigmas)
-            if (not s or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in s)
-                    or any(x <= y for x, y in zip(s, s[1:]))):
-                raise ValueError(f"sigmas must be a non-empty, strictly decreasing list of values in (0, 1], got {s!r}")
-        for name in ("latents", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
-                     "negative_pooled_prompt_embeds"):
-            value = getattr(a, name)
-            if value is not None and (not isinstance(value, Tensor) or not torch.isfinite(value).all()):
-                raise ValueError(f"{name} must be a tensor of finite numbers (it holds NaN or inf)"
-                                 if isinstance(value, Tensor) else f"{name} must be a tensor, got {type(value).__name__}")
-        multiple = self.vae_scale_factor * 2
-        for name in ("height", "width"):
-            v = getattr(a, name)
-            if not isinstance(v, int) or v <= 0 or v % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
-        steps = a.num_inference_steps
-        if a.sigmas is None and (not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if a.sigmas is not None:
-            a.num_inference_steps = len(list(a.sigmas))
-        n = a.num_images_per_prompt
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
-        if a.output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {a.output_type!r}")
-        m = a.max_sequence_length
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 512:
-            raise ValueError(f"max_sequence_length must be an integer in [1, 512], got {m!r}")
-        if isinstance(a.generator, list) and len(a.generator) != batch * n:
-            raise ValueError(f"got {len(a.generator)} generators for {batch * n} images "
-                             "(one per image, or a single generator)")
-        st = a.strength
-        if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0 < st <= 1:
-            raise ValueError(f"strength must be a number in (0, 1], got {st!r}")
-        run = a.num_inference_steps - strength_start(a.num_inference_steps, st)
-        if run < 1:
-            raise ValueError(f"strength {st} with {a.num_inference_steps} steps leaves no step to run: raise either")
-        for name in ("guidance_scale", "true_cfg_scale"):
-            G.check(getattr(a, name), a.num_inference_steps, run, name)
-        G.check_window(a.guidance_start, a.guidance_end)
-        check_fits_in_memory(self, a.batch * n * (2 if a.do_true_cfg else 1), a.height, a.width)
-        return batch
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def activation_bytes(pipe: FluxBasePipeline, rows: int, height: int, width: int) -> int:
-    """A generous estimate of the peak activation memory of one call (the weights are already loaded): the
-    transformer's widest activations (the single blocks' fused projection, float32) for `rows` sequences, and
-    the VAE decoder's full-resolution feature maps (one image at a time with slicing, one tile with tiling)."""
-    c = pipe.transformer.config
-    tokens = (height // (2 * pipe.vae_scale_factor)) * (width // (2 * pipe.vae_scale_factor)) + 512
-    transformer = rows * tokens * c.hidden_size * int(3 + 2 * c.mlp_ratio) * 4 * 2
-    vae = pipe.vae
-    images = 1 if vae.use_slicing else rows
-    side_h, side_w = (min(height, vae.tile_sample_min_size), min(width, vae.tile_sample_min_size)) \
-        if getattr(vae, "use_tiling", False) else (height, width)
-    decoder = images * side_h * side_w * vae.config.ch * vae.config.ch_mult[0] * 4 * 4
-    return transformer + decoder
-
-
-def check_fits_in_memory(pipe: FluxBasePipeline, rows: int, height: int, width: int) -> None:
-    """Refuse, before allocating, a request whose activations cannot fit in this machine's available memory."""
-    need, have = activation_bytes(pipe, rows, height, width), available_memory_bytes()
-    if have is not None and need > have:
-        raise ValueError(f"a {height}x{width} image (batch of {rows} sequences) needs about {need / 2**30:.1f} GiB of "
-                         f"activations, more than the {have / 2**30:.1f} GiB available: ask for a smaller size or "
-                         "batch, or enable_vae_tiling()")
-
 
 def _schedule_of(given, config_file: Path) -> ScheduleConfig:
     """A scheduler part given as diffusers passes one (an object with `.config`, a dict, or our ScheduleConfig),
