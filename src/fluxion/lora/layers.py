@@ -19,6 +19,10 @@ Forward of an adapted layer:  y = base(x) + sum over active, unfused adapters a 
     weight_a * sum over pieces p of a:  (p.scale * (x @ p.A.T) @ p.B.T)  added to rows p.rows of y
 with `weight_a` the user weight from `set_adapters` and `p.scale = alpha / rank`.
 
+Mixed-adapter batching: while `SAMPLE_WEIGHTS` is set (`LoraMixin.lora_per_sample`), `weight_a` is a
+per-sample vector instead (one value per image; rows of the layer's batch dim, repeated when true CFG stacks
+[cond; uncond]), the adapters applied are those it names, and unset (the common path) nothing changes.
+
 State lives in an `AdapterRegistry` on the model's root module (shared by all its adapted layers):
 the adapters' descriptions, the active list and weights, the enabled flag and what is fused.
 """
@@ -122,6 +126,85 @@ class AdapterRegistry:
 CALL_SCALE: ContextVar[float] = ContextVar("fluxion_lora_call_scale", default=1.0)
 
 
+
+class SampleWeights:
+    """One call's per-sample adapter weights (mixed-adapter batching; see `SAMPLE_WEIGHTS`).
+
+    `weights[name]` is a float32 CPU tensor [n]: adapter `name`'s weight for image i of the call (0 where a
+    sample does not use it). Adapters not named get weight 0 for every sample. The per-layer row vectors
+    (moved to the layer's device and dtype, repeated for stacked rows) are cached per call."""
+
+    def __init__(self, weights: dict[str, Tensor], n: int):
+        self.weights = weights
+        self.n = n
+        self._rows: dict[tuple, Tensor] = {}
+
+    def rows(self, name: str, r: int, device: torch.device, dtype: torch.dtype, layer: str) -> Tensor:
+        """Adapter `name`'s weight per input row [r] on a layer that sees `r` rows (batch dim 0).
+
+        r == n: one row per image. r a multiple of n: the images stacked r // n times in the same order (true
+        CFG's [cond; uncond]), so the weights repeat. r dividing n: each row stands for n // r consecutive
+        images (the text encoders run once per prompt before num_images_per_prompt repeats it), which must
+        then share their weights."""
+        key = (name, r, device, dtype)
+        got = self._rows.get(key)
+        if got is not None:
+            return got
+        w, n = self.weights[name], self.n
+        if r % n == 0:
+            rw = w.repeat(r // n)
+        elif n % r == 0:
+            groups = w.view(r, n // r)
+            if not bool((groups == groups[:, :1]).all()):
+                raise ValueError(
+                    f"per-sample LoRA weights: {layer} sees {r} rows for {n} images, so each row serves "
+                    f"{n // r} consecutive images, but adapter {name!r} has different weights within such a group "
+                    f"({w.tolist()}); the text encoders run once per prompt (before num_images_per_prompt), so "
+                    "images of one prompt must share their text-encoder adapter weights"
+                )
+            rw = groups[:, 0].contiguous()
+        else:
+            raise ValueError(
+                f"per-sample LoRA weights were given for {n} images, but {layer} sees a batch of {r} rows; "
+                "pass one weights dict per image of the call (batch * num_images_per_prompt)"
+            )
+        got = rw.to(device=device, dtype=dtype)
+        self._rows[key] = got
+        return got
+
+
+# Per-call, per-sample adapter weights (mixed-adapter batching): a `SampleWeights`, or None (the common case:
+# the registry's active adapters and weights apply to every sample). A context variable, so concurrent calls
+# (threads, asyncio tasks) each see their own; set by `LoraMixin.lora_per_sample`.
+SAMPLE_WEIGHTS: ContextVar[SampleWeights | None] = ContextVar("fluxion_lora_sample_weights", default=None)
+
+
+def make_sample_weights(per_sample, known: set[str] | None = None) -> SampleWeights:
+    """A `SampleWeights` from one dict {adapter name: weight} per image (checked: a non-empty list of dicts,
+    names strings in `known` when given, weights finite numbers)."""
+    if isinstance(per_sample, dict) or not isinstance(per_sample, (list, tuple)):
+        raise ValueError("per-sample LoRA weights must be a list with one dict per image, "
+                         f"got {type(per_sample).__name__}")
+    if not per_sample:
+        raise ValueError("per-sample LoRA weights must have one dict per image, got an empty list")
+    n = len(per_sample)
+    table: dict[str, list[float]] = {}
+    for i, d in enumerate(per_sample):
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ValueError(f"per-sample LoRA weights: image {i} must be a dict {{adapter name: weight}}, got {d!r}")
+        for name, w in d.items():
+            if not isinstance(name, str):
+                raise ValueError(f"per-sample LoRA weights: image {i} has a non-string adapter name {name!r}")
+            if known is not None and name not in known:
+                raise ValueError(f"per-sample LoRA weights: image {i} names adapter {name!r}, which is not loaded "
+                                 f"(loaded: {sorted(known)})")
+            table.setdefault(name, [0.0] * n)[i] = check_scale(w, f"per-sample LoRA weight of {name!r} for image {i}")
+    weights = {k: torch.tensor(v, dtype=torch.float32) for k, v in table.items() if any(x != 0 for x in v)}
+    return SampleWeights(weights, n)
+
+
 class LayerState:
     """Plain (unregistered) holder on an adapted layer: its pieces per adapter and the fuse backup."""
 
@@ -158,6 +241,9 @@ def _layer_state(module: nn.Module) -> LayerState | None:
 def _lora_hook(module: nn.Module, args, output: Tensor):
     state: LayerState = module.__dict__[LAYER_ATTR]
     reg = state.registry
+    per_sample = SAMPLE_WEIGHTS.get()
+    if per_sample is not None:
+        return _per_sample_hook(state, per_sample, args[0], output) if reg.enabled else None
     if not reg.enabled or not reg.active:
         return None
     x = args[0]
@@ -177,6 +263,36 @@ def _lora_hook(module: nn.Module, args, output: Tensor):
             d = (F.linear(h, p.B.to(cd)) * (weight * p.scale)).to(out.dtype)
             # in place: the base layer's output is ours alone here, and autograd records the add
             # (gradients reach A and B even when the base weights are frozen)
+            if p.rows is None:
+                out += d
+            else:
+                out[..., p.rows[0] : p.rows[1]] += d
+    return out
+
+
+def _per_sample_hook(state: LayerState, per_sample: SampleWeights, x: Tensor, out: Tensor):
+    """Mixed-adapter batching: every adapter named in `per_sample` (active or not; the registry's active list
+    and weights do not apply) adds its delta to each row of the batch scaled by that row's weight (0: none),
+    times the call's `CALL_SCALE`."""
+    reg = state.registry
+    call_scale = CALL_SCALE.get()
+    if call_scale == 0:
+        return None
+    r = x.shape[0] if x.ndim > 1 else 1
+    for name in per_sample.weights:
+        pieces = state.adapters.get(name)
+        if not pieces:
+            continue
+        if name in reg.fused:
+            raise ValueError(f"adapter {name!r} is fused into the weights: a fused adapter applies to every sample "
+                             "and cannot have per-sample weights; call unfuse_lora() first")
+        for p in pieces:
+            p._follow(x.device)
+            cd = torch.promote_types(p.A.dtype, out.dtype)
+            rw = per_sample.rows(name, r, x.device, cd, state.name)
+            rw = rw.view((r,) + (1,) * (out.ndim - 1)) if x.ndim > 1 else rw
+            h = F.linear(x.to(cd), p.A.to(cd))
+            d = (F.linear(h, p.B.to(cd)) * (rw * (call_scale * p.scale))).to(out.dtype)
             if p.rows is None:
                 out += d
             else:

@@ -40,6 +40,52 @@ class LoraMixin:
         finally:
             L.CALL_SCALE.reset(token)
 
+    @contextlib.contextmanager
+    def lora_per_sample(self, weights):
+        """Mixed-adapter batching: one call's images each get their own LoRA set and weights.
+
+        `weights` is a list with one dict {adapter name: weight} per image of the call (batch *
+        num_images_per_prompt, in output order); `{}` means no adapter for that image. For the duration, in this
+        thread or task only (`fluxion.lora.layers.SAMPLE_WEIGHTS`), every adapted layer adds each adapter's
+        delta to each sample's rows scaled by that sample's weight: a sample gets exactly the adapters it names,
+        as `set_adapters(names, weights)` would give it alone, and nothing of the others' (the active adapters
+        and `set_adapters` weights are ignored meanwhile). With true CFG the transformer sees [cond; uncond]
+        stacked: the weights repeat in that order. `joint_attention_kwargs={"scale": s}` still multiplies
+        everything; `disable_lora()` still turns every adapter off.
+
+            with pipe.lora_per_sample([{"a": 0.8}, {"b": 0.5}, {}]):
+                out = pipe(["p1", "p2", "p3"], generator=[g1, g2, g3])
+
+        Names must be loaded adapters and weights finite (ValueError otherwise). A fused adapter applies to
+        every sample, so it cannot be named here (ValueError; `unfuse_lora()` first); adapters fused and not
+        named stay baked into every sample, as part of the base weights. A count that does not match the call's
+        batch is a ValueError at the first adapted layer. The text encoder runs once per prompt, so images of
+        one prompt (num_images_per_prompt > 1) must share the weights of adapters that have text-encoder parts.
+        Yields the `SampleWeights` set."""
+        parts = self._lora_components()
+        known = {n for m in parts.values() for n in L.list_adapters(m)}
+        table = L.make_sample_weights(weights, known)
+        for model in parts.values():
+            reg = L.get_registry(model)
+            fused = sorted(n for n in table.weights if reg is not None and n in reg.fused)
+            if fused:
+                raise ValueError(f"adapter {fused[0]!r} is fused into the weights: a fused adapter applies to every "
+                                 "sample and cannot have per-sample weights; call unfuse_lora() first")
+        token = L.SAMPLE_WEIGHTS.set(table)
+        try:
+            yield table
+        finally:
+            L.SAMPLE_WEIGHTS.reset(token)
+
+    def _check_lora_per_sample(self, total: int) -> None:
+        """A call of `total` images (batch * num_images_per_prompt) inside `lora_per_sample`: the count must
+        match. (The adapted layers check rows too, but a transformer-only adapter cannot tell 2n stacked true-CFG
+        rows from a batch of 2n; call this where the call's batch is known to catch that.)"""
+        table = L.SAMPLE_WEIGHTS.get()
+        if table is not None and table.n != total:
+            raise ValueError(f"per-sample LoRA weights were given for {table.n} images, but this call makes {total} "
+                             "(batch * num_images_per_prompt); pass one weights dict per image")
+
     # ------------------------------------------------------------ parts
 
     def _lora_components(self, components=None) -> dict:

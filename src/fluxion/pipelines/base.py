@@ -316,6 +316,7 @@ class FluxBasePipeline(Placement, LoraMixin):
             kw["negative_prompt"] = d.negative_prompt
         a = CallArgs(**kw)
         a.batch = check_call(self, a)
+        self._check_lora_per_sample(a.total)  # per-sample LoRA weights, when set, must count this call's images
         return a
 
     def _encode_prompts(self, a: CallArgs) -> tuple[TextConditioning, TextConditioning | None]:
