@@ -273,10 +273,21 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     from .train.config import load_config
+    from .train.controlnet import train_controlnet
     from .train.run import train
 
-    train(load_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
-          export_only=args.export_only)
+    cfg = load_config(args.config, args.set)
+    # a ControlNet run's resume also checks its base model, net size and edge thresholds
+    run = train_controlnet if cfg.kind == "controlnet" else train
+    run(cfg, resume=not args.fresh, max_minutes=args.max_minutes, export_only=args.export_only)
+    return 0
+
+
+def cmd_train_controlnet(args) -> int:
+    from .train.controlnet import load_controlnet_config, train_controlnet
+
+    train_controlnet(load_controlnet_config(args.config, args.set), resume=not args.fresh,
+                     max_minutes=args.max_minutes, export_only=args.export_only)
     return 0
 
 
@@ -310,6 +321,22 @@ def cmd_bench(args) -> int:
         return subprocess.call([sys.executable, str(script), *threads, "--repeats", str(args.repeats)])
 
     print(run_bench(args.model, _torch_dtype(args.dtype), args.threads, args.repeats, args.cache_threshold, args.size))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.config import ServeConfig
+
+    config = ServeConfig(  # checked before anything loads: a non-loopback host needs --api-key or --insecure
+        model=args.model, host=args.host, port=args.port, lora_dir=args.lora_dir, api_key=args.api_key,
+        insecure=args.insecure, max_queue=args.max_queue, max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms, max_pixels=args.max_pixels, max_steps=args.max_steps, max_n=args.max_n,
+        job_ttl_s=args.job_ttl, request_timeout_s=args.request_timeout, lora_cache=args.lora_cache,
+        preview_every=args.preview_every, quantize=args.quantize,
+        dtype=DTYPES[args.dtype] if args.dtype else None)
+    from .serve.app import serve
+
+    serve(config)
     return 0
 
 
@@ -409,6 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export-only", action="store_true", help="export the last checkpoint's weights, do not train")
     t.set_defaults(func=cmd_train)
 
+    tc = sub.add_parser("train-controlnet", help="train a ControlNet for a FLUX model from a YAML config "
+                                                  "(kind: controlnet; configs/mini-controlnet*.yaml)")
+    tc.add_argument("config")
+    tc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    tc.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    tc.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    tc.add_argument("--export-only", action="store_true", help="export the last checkpoint's net, do not train")
+    tc.set_defaults(func=cmd_train_controlnet)
+
     lo = sub.add_parser("train-lora", help="DreamBooth-style LoRA training on a folder of images")
     lo.add_argument("--model", default=None, help="base model folder (default: fluxion-mini)")
     lo.add_argument("--data", required=True, help="images with .txt captions, or a metadata.jsonl")
@@ -478,6 +514,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vs-diffusers", dest="vs_diffusers", action="store_true",
                    help="run bench/speed.py: fluxion and diffusers on the same weights, ratios (needs diffusers)")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-style images API, jobs, SSE, web page)")
+    s.add_argument("--model", default=None, help="model folder (default: the shipped fluxion-mini)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --api-key)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--lora-dir", dest="lora_dir", default=None, help="folder of named adapters (<name>.safetensors)")
+    s.add_argument("--api-key", dest="api_key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
+    s.add_argument("--max-queue", dest="max_queue", type=int, default=64)
+    s.add_argument("--max-batch", dest="max_batch", type=int, default=4)
+    s.add_argument("--batch-window-ms", dest="batch_window_ms", type=float, default=50.0)
+    s.add_argument("--max-pixels", dest="max_pixels", type=int, default=1024 * 1024)
+    s.add_argument("--max-steps", dest="max_steps", type=int, default=50)
+    s.add_argument("--max-n", dest="max_n", type=int, default=4)
+    s.add_argument("--job-ttl", dest="job_ttl", type=float, default=600.0, help="seconds a finished job is kept")
+    s.add_argument("--request-timeout", dest="request_timeout", type=float, default=600.0)
+    s.add_argument("--lora-cache", dest="lora_cache", type=int, default=8, help="adapters kept loaded (LRU)")
+    s.add_argument("--preview-every", dest="preview_every", type=int, default=4,
+                   help="a preview image every N steps in the job events (0: none)")
+    s.add_argument("--quantize", default=None, help="quantize the transformer while loading (int8, q8_0, ...)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -109,13 +109,16 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
                          .rstrip()) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config is a YAML mapping of keys to values, got {type(raw).__name__}")
-    known = {f.name for f in fields(TrainConfig)}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
         raw[key.strip()] = _parse_value(value)
+    cls = TrainConfig
+    if raw.get("kind") == "controlnet":  # its own fields (base model, net size, edge thresholds)
+        from .controlnet import ControlNetTrainConfig as cls
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
-    return TrainConfig(**raw)
+    return cls(**raw)

@@ -26,6 +26,10 @@ def make_task(cfg: TrainConfig):
         from .autoencoder import AutoencoderTask
 
         return AutoencoderTask(cfg)
+    if cfg.kind == "controlnet":
+        from .controlnet import ControlNetTask
+
+        return ControlNetTask(cfg)
     from .flux import FluxTask
 
     return FluxTask(cfg)
