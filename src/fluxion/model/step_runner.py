@@ -31,7 +31,8 @@ class StepRunner:
     transformer: FluxTransformer
     threshold: float = 0.0
     timesteps: list[float] | None = None  # every step's t, known ahead: conditioning is batched over steps
-    guidances: list[float] | None = None  # every step's distilled guidance (None: the model has no embedder)
+    guidances: list | None = None  # every step's distilled guidance, a number or a tuple with one per image
+    # (per-sample guidance; repeated over stacked true-CFG rows); None: the model has no embedder
     stats: dict = field(default_factory=lambda: {"steps": 0, "skipped": 0})
     _text_key: tuple = ()  # the (txt, txt_ids, img_ids) objects the reused values were computed from
     _text: tuple = ()
@@ -69,13 +70,15 @@ class StepRunner:
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         if guidance is not None:
             guidance = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
-        if not self.timesteps or step >= len(self.timesteps) or bool((t != t[0]).any()):
+        if not self.timesteps or step >= len(self.timesteps) or bool((t != t[0]).any()) \
+                or not _tiles(self.guidances, batch):
             return tf.conditioning(t, y, guidance), None
         if not _same_objects((y,), self._cond_key):
             s = len(self.timesteps)
             ts = torch.as_tensor(self.timesteps, dtype=t.dtype, device=t.device)  # rounded as the sampler rounds
             g = None if self.guidances is None else torch.as_tensor(
-                self.guidances, dtype=torch.float32, device=t.device).repeat_interleave(batch)
+                [v for value in self.guidances for v in _step_rows(value, batch)], dtype=torch.float32,
+                device=t.device)
             vec = tf.conditioning(ts.repeat_interleave(batch), y.repeat(s, 1), g)
             self._cond, self._cond_key = (vec, tf.modulations(vec)), (y,)
         rows = slice(step * batch, step * batch + batch)
@@ -95,6 +98,18 @@ class StepRunner:
         # Per image, then the largest: a batch skips only when every image in it (CFG halves included) is stable.
         change = (first - prev).abs().flatten(1).mean(1) / prev.abs().flatten(1).mean(1).clamp_min(1e-12)
         return change.max().item() < self.threshold
+
+
+def _tiles(guidances: list | None, batch: int) -> bool:
+    """Whether every step's guidance fills `batch` rows (a per-image tuple must divide it: [cond; uncond])."""
+    return guidances is None or all(not isinstance(v, tuple) or batch % len(v) == 0 for v in guidances)
+
+
+def _step_rows(value, batch: int) -> list[float]:
+    """One step's guidance for each of `batch` rows: a number for all, or per-image values tiled over stacks."""
+    if isinstance(value, tuple):
+        return [float(v) for v in value] * (batch // len(value))
+    return [float(value)] * batch
 
 
 def _same_objects(key: tuple, previous: tuple) -> bool:

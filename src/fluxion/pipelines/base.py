@@ -7,6 +7,7 @@ inputs, prepares the latents and conditioning in diffusers' order, and runs `cor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from ..model.autoencoder import AutoEncoder
 from ..model.text_encoders import CLIPEmbedder, T5Embedder, load_tokenizer
 from ..model.transformer import FluxTransformer
 from . import guidance as G
+from . import per_sample as PS
 from .arguments import CALL_NAMES, CallArgs, PipelineDefaults, check_call, match_batch, prompt_list
 from .core import DenoiseInputs, TextConditioning, denoise
 from .placement import Placement
@@ -284,13 +286,39 @@ class FluxBasePipeline(Placement, LoraMixin):
     def generate(self, *args, **kwargs):
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def guidance_per_sample(self, guidance_scale=None, true_cfg_scale=None):
+        """Per-sample guidance: the calls inside give image k `guidance_scale[k]` and `true_cfg_scale[k]`, as
+        if it ran alone with those values (`fluxion.pipelines.per_sample`). One finite number per image of the
+        call (batch * num_images_per_prompt, in output order); either may be None (the call's value then holds).
+        With `true_cfg_scale`, the call runs true CFG when any image's value is above 1 (the variant must take a
+        negative prompt); an image with a value <= 1 keeps its conditional prediction. This thread or task only.
+
+            with pipe.guidance_per_sample(guidance_scale=[3.5, 5.0], true_cfg_scale=[1.0, 4.0]):
+                out = pipe(["p1", "p2"], negative_prompt=["", "blurry"], generator=[g1, g2])
+
+        Bad values are ValueErrors here; a count that does not match the call's images, at the call, before any
+        model runs. Yields the `SampleGuidance` set (None when both are None)."""
+        table = PS.make(guidance_scale, true_cfg_scale)
+        token = PS.SAMPLE_GUIDANCE.set(table)
+        try:
+            yield table
+        finally:
+            PS.SAMPLE_GUIDANCE.reset(token)
+
     def _args_from(self, call: dict, **overrides) -> CallArgs:
         """The common arguments out of a variant's call (its `locals()`), defaults filled in and checked.
 
         A variant whose signature has no `negative_prompt` runs without true CFG (as its diffusers twin), whatever
         the model folder's defaults say; one with `strength` gets the folder's default strength for None."""
         kw = {k: call[k] for k in CALL_NAMES if k in call}
+        table = PS.current()
+        if table is not None and table.true_cfg is not None:  # true CFG runs when any image asks for it
+            kw["true_cfg_scale"] = max(table.true_cfg)
         if "negative_prompt" not in call:
+            if table is not None and table.true_cfg is not None:
+                raise ValueError(f"per-image true_cfg_scale given to {type(self).__name__}, which runs without true "
+                                 "CFG (it takes no negative prompt)")
             kw["true_cfg_scale"] = 1.0
         if "strength" in call and call["strength"] is None:
             kw["strength"] = self.defaults.strength
@@ -317,6 +345,7 @@ class FluxBasePipeline(Placement, LoraMixin):
         a = CallArgs(**kw)
         a.batch = check_call(self, a)
         self._check_lora_per_sample(a.total)  # per-sample LoRA weights, when set, must count this call's images
+        PS.check(a.total)  # so must per-sample guidance values
         return a
 
     def _encode_prompts(self, a: CallArgs) -> tuple[TextConditioning, TextConditioning | None]:
@@ -385,6 +414,13 @@ class FluxBasePipeline(Placement, LoraMixin):
         if negative is not None:
             cfg = G.window(G.per_step(a.true_cfg_scale, schedule, t_start, "true_cfg_scale"), a.guidance_start,
                            a.guidance_end)
+        table = PS.current()
+        if table is not None:  # one value per image and step: a tuple over the images at each step
+            if g is not None and table.guidance is not None:
+                g = [table.guidance] * steps
+            if cfg is not None and table.true_cfg is not None:
+                rows = [G.window([c] * steps, a.guidance_start, a.guidance_end) for c in table.true_cfg]
+                cfg = [tuple(r[i] for r in rows) for i in range(steps)]
         inputs = DenoiseInputs(
             latents=latents.to(self.device, self.transformer.compute_dtype), img_ids=image_ids(lat_h, lat_w, self.device),
             schedule=run, text=text, negative=negative, guidance=g, true_cfg=cfg,
@@ -426,6 +462,15 @@ class FluxBasePipeline(Placement, LoraMixin):
             for p, n in zip(prompt_list(a.prompt, a.batch), prompt_list(a.negative_prompt, a.batch))
             for _ in range(a.num_images_per_prompt)
         ]
+        table = PS.current()
+        if table is not None and table.n == len(params):  # the values each image ran with
+            for k, d in enumerate(params):
+                if table.guidance is not None and guided:
+                    d["guidance_scale"] = table.guidance[k]
+                if table.true_cfg is not None and negative_used:  # <= 1: as its own call, which runs no CFG
+                    on = table.true_cfg[k] > 1
+                    d["true_cfg_scale"] = table.true_cfg[k] if on else None
+                    d["negative_prompt"] = d["negative_prompt"] if on else None
         if images is None:
             images = latents if a.output_type == "latent" else self.decode(latents, a.height, a.width, a.output_type)
         if not a.return_dict:

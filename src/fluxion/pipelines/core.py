@@ -9,7 +9,9 @@ What a variant may add, each optional and independent:
   first coordinate 1); predictions for them are dropped;
 - `blend(i, x)`: replaces the latents after step i (inpainting keeps the re-noised original outside the mask);
 - `guidance` / `true_cfg`: one value per step (guidance schedules; a true-CFG value <= 1 skips the negative
-  pass at that step);
+  pass at that step); a step's value may be a tuple with one value per image (per-sample guidance,
+  `fluxion.pipelines.per_sample`): the negative pass then runs when any image's value is above 1, and an image
+  whose value is <= 1 keeps its conditional prediction exactly;
 - `regional`: a masked pass over region prompts, blended with the base prompt's pass for its first steps;
 - `residuals(i, x, t)`: per-block additions for the image stream (ControlNets), shared by the CFG passes.
 """
@@ -55,8 +57,9 @@ class DenoiseInputs:
     schedule: Tensor  # the noise levels run, t_0 > ... > t_n = 0
     text: TextConditioning
     negative: TextConditioning | None = None
-    guidance: list[float] | None = None  # distilled guidance per step; None for models without the embedder
-    true_cfg: list[float] | None = None  # per step, with `negative`
+    guidance: list[float | tuple[float, ...]] | None = None  # distilled guidance per step (per image: a tuple);
+    # None for models without the embedder
+    true_cfg: list[float | tuple[float, ...]] | None = None  # per step (per image: a tuple), with `negative`
     img_cond: Tensor | None = None  # [B, N, extra channels]
     ref_tokens: Tensor | None = None  # [B, M, C]
     ref_ids: Tensor | None = None  # [M, 3]
@@ -85,7 +88,7 @@ def denoise(
     g_all = inp.guidance
     pos = runner(g_all)
     cfg = inp.true_cfg if inp.negative is not None else None
-    cfg_steps = [cfg is not None and cfg[i] > 1 for i in range(n)]
+    cfg_steps = [cfg is not None and _above_one(cfg[i]) for i in range(n)]
     batched = all(cfg_steps) and inp.negative.embeds.shape == inp.text.embeds.shape
     if batched:  # one transformer call on [cond; uncond] instead of two
         both = TextConditioning(torch.cat([inp.text.embeds, inp.negative.embeds]),
@@ -104,7 +107,7 @@ def denoise(
         return x
 
     def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
-        g = None if g_all is None else torch.full((x.shape[0],), float(g_all[i]), dtype=torch.float32, device=x.device)
+        g = None if g_all is None else _rows(g_all[i], x.shape[0], torch.float32, x.device)
         res = inp.residuals(i, x, t) if inp.residuals is not None else None
         h = model_input(x)
 
@@ -120,7 +123,13 @@ def denoise(
         if reg is not None and i < inp.regional.steps:
             r = inp.regional.base_ratio
             v = (1 - r) * run(reg, inp.regional.text, mask=inp.regional.mask) + r * v
-        return v if v_neg is None else v_neg + cfg[i] * (v - v_neg)
+        if v_neg is None:
+            return v
+        if not isinstance(cfg[i], tuple):
+            return v_neg + cfg[i] * (v - v_neg)
+        c = _rows(cfg[i], v.shape[0], v.dtype, v.device).view(-1, *[1] * (v.dim() - 1))
+        on = _rows(tuple(float(k > 1) for k in cfg[i]), v.shape[0], torch.float32, v.device).view_as(c) > 0
+        return torch.where(on, v_neg + c * (v - v_neg), v)  # an image with cfg <= 1 keeps v exactly
 
     def after_step(i: int, x: Tensor) -> Tensor:
         if inp.blend is not None:
@@ -134,3 +143,16 @@ def denoise(
 
     x = euler(velocity, inp.latents, inp.schedule, progress, after_step)
     return x, dict(pos.stats)
+
+
+def _above_one(value) -> bool:
+    return any(v > 1 for v in value) if isinstance(value, tuple) else value > 1
+
+
+def _rows(value, batch: int, dtype, device) -> Tensor:
+    """One step's value as a [batch] tensor: a number for every row, or one value per image (a tuple)."""
+    if not isinstance(value, tuple):
+        return torch.full((batch,), float(value), dtype=dtype, device=device)
+    if len(value) != batch:
+        raise ValueError(f"per-sample guidance has {len(value)} values for a batch of {batch} images")
+    return torch.tensor(value, dtype=dtype, device=device)

@@ -2,7 +2,10 @@
 
 Endpoints (every error is `{"error": {"code", "message", "field"}}`):
 - POST /v1/images/generations: OpenAI-compatible, synchronous -> {created, data: [{b64_json, seed}]}
-- POST /v1/images/edits: 501 until the image-conditioned pipelines are served
+- POST /v1/images/edits: OpenAI-compatible multipart edit (`image`, optional `mask`: white = repaint, `strength`)
+  through FluxImg2ImgPipeline / FluxInpaintPipeline `.from_pipe(pipe)` -> the generations answer. Each edit
+  request runs in a pipeline call of its own (edits are never batched with other requests; its n images
+  are one call, image k seeded seed + k); fields are validated before queueing (400 naming the field).
 - GET /v1/models, GET /v1/loras
 - POST /v1/jobs -> 202 {id, status, queue_position, poll_url, events_url}
 - GET /v1/jobs/{id} -> {id, status, created, progress: {step, steps}, queue_position, result | error}
@@ -23,14 +26,15 @@ import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import jobs as J
@@ -81,6 +85,42 @@ class GenerationRequest(BaseModel):
     user: str | None = None
     quality: str | None = None
     style: str | None = None
+
+
+@dataclass
+class EditParams(J.GenParams):
+    """An edit's arguments: the generation's plus the init image, the mask (None: img2img) and the strength."""
+
+    image: Any = None  # PIL RGB
+    mask: Any = None  # PIL RGB, white = repaint; None = img2img
+    strength: float = 0.6
+
+    @property
+    def kind(self) -> str:
+        return "img2img" if self.mask is None else "inpaint"
+
+
+EDIT_FIELDS = {"prompt": str, "n": int, "size": str, "response_format": str, "seed": int, "steps": int,
+               "guidance_scale": float, "true_cfg_scale": float, "negative_prompt": str, "loras": "json",
+               "output_format": str, "model": str, "user": str, "quality": str, "style": str}
+
+
+def read_upload_image(data: bytes, field: str):
+    """The RGB image of an uploaded file; a non-image or corrupt file is a 400 naming the field."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..images import to_rgb
+
+    if not data:
+        raise ApiError(400, "invalid_request", f"{field}: the file is empty", field)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ApiError(400, "invalid_request", f"{field}: not a readable image ({type(e).__name__})", field) from None
 
 
 class Metrics:
@@ -205,8 +245,9 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
                            {"Retry-After": "5"})
         return state["pipe"]
 
-    def params_of(req: GenerationRequest) -> J.GenParams:
-        pipe = ready_pipe()
+    def params_of(req: GenerationRequest, pipe=None) -> J.GenParams:
+        base = ready_pipe()
+        pipe = pipe or base
         d = pipe.defaults
         if req.n < 1 or req.n > config.max_n:
             raise ApiError(400, "policy_violation", f"n must be between 1 and {config.max_n}, got {req.n}", "n")
@@ -331,11 +372,8 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
         check_key(request)
         return {"object": "list", "data": [{"name": n, "loaded": n in loras.loaded} for n in loras.available()]}
 
-    @app.post("/v1/images/generations")
-    async def generations(req: GenerationRequest, request: Request):
-        check_key(request)
-        metrics.requests.labels("generations").inc()
-        job = submit(params_of(req))
+    async def answer(job: J.Job) -> dict:
+        """Wait for a job submitted by a synchronous endpoint; its result as /v1/images/generations answers."""
         deadline, index = time.monotonic() + config.request_timeout_s, 0
         while not job.finished and time.monotonic() < deadline:
             index += len(await store.next_events(job, index, min(5.0, max(0.0, deadline - time.monotonic()))))
@@ -351,11 +389,83 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
             raise ApiError(status, e["code"], e["message"], e.get("field"))
         raise ApiError(503, "cancelled", "the job was cancelled (the service is shutting down)")
 
+    @app.post("/v1/images/generations")
+    async def generations(req: GenerationRequest, request: Request):
+        check_key(request)
+        metrics.requests.labels("generations").inc()
+        return await answer(submit(params_of(req)))
+
+    async def edit_params(request: Request) -> EditParams:
+        """Parse and check a multipart edit request (image, optional mask, strength, the generation fields)."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(400, "invalid_request", "POST /v1/images/edits takes multipart/form-data (an `image` "
+                           "file, an optional `mask` file, `prompt` and the other fields)", "image")
+        try:
+            form = await request.form(max_files=2, max_fields=64)
+        except Exception as e:
+            raise ApiError(400, "invalid_request", f"the multipart body cannot be read ({e})", None) from None
+        files, fields = {}, {}
+        for key, value in form.multi_items():
+            if key in files or key in fields:
+                raise ApiError(400, "invalid_request", f"{key}: given more than once", key)
+            if hasattr(value, "read"):
+                if key not in ("image", "mask"):
+                    raise ApiError(400, "invalid_request", f"{key}: a file is accepted only as image or mask", key)
+                files[key] = await value.read()
+            else:
+                fields[key] = value
+        extra = sorted(set(fields) - set(EDIT_FIELDS) - {"strength", "image", "mask"})
+        if extra:
+            raise ApiError(400, "invalid_request", f"{extra[0]}: unknown field", extra[0])
+        for key in ("image", "mask"):
+            if key in fields:
+                raise ApiError(400, "invalid_request", f"{key}: must be a file (multipart file part)", key)
+        if "image" not in files:
+            raise ApiError(400, "invalid_request", "image: an image file is required", "image")
+        image = read_upload_image(files["image"], "image")
+        mask = read_upload_image(files["mask"], "mask") if "mask" in files else None
+        if mask is not None and mask.size != image.size:
+            raise ApiError(400, "invalid_request", f"mask: its size {mask.size[0]}x{mask.size[1]} differs from the "
+                           f"image's {image.size[0]}x{image.size[1]}", "mask")
+        body = {}
+        for key, kind in EDIT_FIELDS.items():
+            if key not in fields:
+                continue
+            v = fields[key]
+            if kind == "json":
+                try:
+                    body[key] = json.loads(v) if v.strip() else []
+                except ValueError:
+                    raise ApiError(400, "invalid_request", f"{key}: not valid JSON (a list of {{name, weight}})",
+                                   key) from None
+            else:
+                body[key] = v
+        try:
+            req = GenerationRequest(**body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(x) for x in first.get("loc", ())) or None
+            raise ApiError(400, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid')}",
+                           field) from None
+        ready_pipe()
+        pipe = state["worker"].edit_pipe("img2img" if mask is None else "inpaint")
+        try:
+            strength = float(fields["strength"]) if "strength" in fields else float(pipe.defaults.strength)
+        except ValueError:
+            raise ApiError(400, "invalid_request", f"strength: not a number ({fields['strength']!r})",
+                           "strength") from None
+        if not math.isfinite(strength) or not 0 < strength <= 1:
+            raise ApiError(400, "invalid_request", f"strength must be in (0, 1], got {strength}", "strength")
+        p = params_of(req, pipe)
+        return EditParams(**{k: getattr(p, k) for k in J.GenParams.__dataclass_fields__}, image=image, mask=mask,
+                          strength=strength)
+
     @app.post("/v1/images/edits")
     async def edits(request: Request):
         check_key(request)
-        raise ApiError(501, "not_implemented", "image edits (img2img / inpainting) are not served yet: this server "
-                       "serves text-to-image only (POST /v1/images/generations or /v1/jobs)")
+        metrics.requests.labels("edits").inc()
+        return await answer(submit(await edit_params(request)))
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(req: GenerationRequest, request: Request):

@@ -1,12 +1,17 @@
 """The one worker thread that owns the pipeline: takes jobs, batches them, runs them, reports progress.
 
 Batching. The worker takes the oldest queued job, then waits up to `batch_window_ms` for more jobs whose
-`batch_key` matches (size, steps, CFG on/off, guidance and true-CFG values, LoRA set and weights), up to
+`batch_key` matches (size, steps, CFG on/off, LoRA set and weights), up to
 `max_batch` images in all, and runs them as ONE pipeline call: a prompt list, a negative-prompt list, and one
 `torch.Generator("cpu").manual_seed(seed + k)` per image. Each image is therefore the offline
 `pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed + k))` image: bit-identical when it ran alone,
 and within float32 rounding of batched matrix products when it ran in a batch (tests: <= 2/255 per pixel).
-A job asking for more than `max_batch` images runs alone.
+A job asking for more than `max_batch` images runs alone. With `Worker.per_sample_guidance` (on when the
+pipeline has `guidance_per_sample`) requests differing only in guidance_scale / true_cfg_scale share a batch:
+the call runs inside `pipe.guidance_per_sample(...)` with each image's own values (without it, they are part
+of `batch_key`). An edit (POST /v1/images/edits: params with an
+`image`) always runs alone, in a call of its own, through `edit_pipe(kind)` (FluxImg2ImgPipeline /
+FluxInpaintPipeline `.from_pipe(pipe)`, made once, sharing the loaded parts); its n images are one call.
 
 Cancellation. DELETE on a running job marks it; at the next step boundary (the pipeline's
 `callback_on_step_end`) the job is finished as `cancelled` at once and its images are dropped when the batch
@@ -25,6 +30,7 @@ requests with different LoRA sets run in separate batches (`batch_key` includes 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -64,6 +70,13 @@ def encode_image(image: Image.Image, fmt: str, parameters: dict | None = None) -
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _is_edit(params) -> bool:
+    return getattr(params, "image", None) is not None
+
+
+_EDIT_LOCK = threading.Lock()
+
+
 class Worker:
     def __init__(self, pipe, store: J.JobStore, loras, config, metrics=None):
         self.pipe = pipe
@@ -72,6 +85,7 @@ class Worker:
         self.config = config
         self.metrics = metrics
         self.per_sample_lora = False  # mixed-adapter batching hook (see the module docstring)
+        self.per_sample_guidance = hasattr(pipe, "guidance_per_sample")  # mixed-guidance batching (docstring)
         self.thread = threading.Thread(target=self._loop, name="fluxion-serve-worker", daemon=True)
         self.stopping = False
         self.busy = False
@@ -89,10 +103,24 @@ class Worker:
                     job.cancel_requested = True
         self.thread.join(timeout)
 
+    def edit_pipe(self, kind: str):
+        """The image-conditioned pipeline of `kind` ("img2img" | "inpaint") on the loaded parts (made once)."""
+        with _EDIT_LOCK:
+            pipes = self.__dict__.setdefault("_edit_pipes", {})
+            if kind not in pipes:
+                from ..pipelines.img2img import FluxImg2ImgPipeline
+                from ..pipelines.inpaint import FluxInpaintPipeline
+
+                cls = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}[kind]
+                pipes[kind] = cls.from_pipe(self.pipe)
+            return pipes[kind]
+
     # ------------------------------------------------------------ batching
 
     def batch_key(self, p: J.GenParams) -> tuple:
-        key = (p.width, p.height, p.steps, p.cfg, p.guidance_scale, p.true_cfg_scale if p.cfg else None)
+        key = (p.width, p.height, p.steps, p.cfg)
+        if not self.per_sample_guidance:
+            key += (p.guidance_scale, p.true_cfg_scale if p.cfg else None)
         return key if self.per_sample_lora else (*key, p.loras)
 
     def _loop(self) -> None:
@@ -108,6 +136,8 @@ class Worker:
                 room = self.config.max_batch - images
 
                 def fits(job, room=room):
+                    if _is_edit(job.params) or _is_edit(first.params):  # edits run alone
+                        return False
                     return self.batch_key(job.params) == key and job.params.n <= room
 
                 more = self.store.take_matching(fits, 1)
@@ -174,9 +204,18 @@ class Worker:
                 gens.append(torch.Generator("cpu").manual_seed(p.seed + k))
                 owners.append(j)
         steps = p0.steps
+        run, edit_kw, skip = self.pipe, {}, 0
+        if _is_edit(p0):  # an edit: alone in its call (see `_loop`)
+            from ..flow import strength_start
+
+            run = self.edit_pipe(p0.kind)
+            edit_kw = {"image": [p0.image] * len(prompts), "strength": p0.strength}
+            if p0.mask is not None:
+                edit_kw["mask_image"] = [p0.mask] * len(prompts)
+            skip = strength_start(steps, p0.strength)  # steps cut by the strength: progress starts there
         for j in batch:
             self.store.emit(j, "running", {"batch_size": len(prompts)})
-            self.store.progress(j, 0, steps)
+            self.store.progress(j, skip, steps)
         if self.metrics:
             self.metrics.batch_size.observe(len(prompts))
         t_last = [time.perf_counter()]
@@ -191,16 +230,16 @@ class Worker:
                 if j.cancel_requested:
                     self.store.finish(j, J.CANCELLED)  # at this step boundary; its images are dropped
                 else:
-                    self.store.progress(j, i + 1, steps)
+                    self.store.progress(j, skip + i + 1, steps)
             if all(j.finished for j in batch):
                 raise _AllCancelled()
-            if every and (i + 1) % every == 0 and i + 1 < steps:
-                self._previews(batch, owners, tensors["latents"], p0, i + 1)
+            if every and (i + 1) % every == 0 and skip + i + 1 < steps:
+                self._previews(batch, owners, tensors["latents"], p0, skip + i + 1)
             return tensors
 
         kw = dict(height=p0.height, width=p0.width, num_inference_steps=steps, generator=gens,
                   guidance_scale=p0.guidance_scale, true_cfg_scale=p0.true_cfg_scale,
-                  negative_prompt=negatives if p0.cfg else None, callback_on_step_end=on_step)
+                  negative_prompt=negatives if p0.cfg else None, callback_on_step_end=on_step, **edit_kw)
         names = sorted({n for j in batch for n, _ in j.params.loras})
         try:
             if self.per_sample_lora:
@@ -211,15 +250,19 @@ class Worker:
             raise
         except Exception as e:
             raise LoraLoadError(f"LoRA {names}: cannot be loaded ({type(e).__name__}: {e})") from e
-        if self.per_sample_lora and names:  # mixed-adapter batch: one {adapter: weight} per image ({} = none)
-            per_image = [{self.loras.adapter_name(n): w for n, w in j.params.loras} for j in owners]
-            self.pipe.enable_lora()
-            with self.pipe.lora_per_sample(per_image):
-                out = self.pipe(prompts, **kw)
-        else:
-            if self.per_sample_lora and self.loras.loaded:
-                self.pipe.disable_lora()
-            out = self.pipe(prompts, **kw)
+        gs, cs = [j.params.guidance_scale for j in owners], [j.params.true_cfg_scale for j in owners]
+        mixed = self.per_sample_guidance and (len(set(gs)) > 1 or len(set(cs)) > 1)  # one value per image
+        with self.pipe.guidance_per_sample(guidance_scale=gs, true_cfg_scale=cs if p0.cfg else None) if mixed \
+                else contextlib.nullcontext():
+            if self.per_sample_lora and names:  # mixed-adapter batch: one {adapter: weight} per image ({} = none)
+                per_image = [{self.loras.adapter_name(n): w for n, w in j.params.loras} for j in owners]
+                self.pipe.enable_lora()
+                with self.pipe.lora_per_sample(per_image):
+                    out = run(prompts, **kw)
+            else:
+                if self.per_sample_lora and self.loras.loaded:
+                    self.pipe.disable_lora()
+                out = run(prompts, **kw)
         for j in batch:
             if j.finished:
                 continue
