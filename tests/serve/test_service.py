@@ -369,6 +369,15 @@ def test_auth_body_limit_edits_unknown_and_expired_jobs(client, server):
         assert anon.get("/v1/models", headers={"X-API-Key": KEY}).status_code == 200
         assert anon.get("/health").status_code == 200
     _error(client.post("/v1/images/generations", json=_body(prompt="x" * 40_000)), 413, "body_too_large")
+
+    def chunks():  # no Content-Length: the body streams (chunked) and is counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * 1024
+        yield b'"}'
+
+    _error(client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"}),
+           413, "body_too_large")
     _error(client.post("/v1/images/edits", files={"image": ("a.png", b"123")}), 400, "invalid_request", "image")
     _error(client.get("/v1/jobs/nope"), 404, "job_not_found")
     _error(client.delete("/v1/jobs/nope"), 404, "job_not_found")

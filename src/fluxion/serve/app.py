@@ -139,20 +139,39 @@ class Metrics:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a request whose Content-Length is over the limit."""
+    """ASGI middleware: 413 for a request body over the limit, whether it says its length (Content-Length,
+    refused before reading) or streams without one (chunked: counted as it arrives, refused at the limit)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
+    def too_large(self, size: str):
+        return error_response(413, "body_too_large", f"the request body is {size} bytes; the limit is {self.limit}",
+                              None)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for k, v in scope.get("headers", []):
-                if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                    resp = error_response(413, "body_too_large", f"the request body is {int(v)} bytes; the limit "
-                                          f"is {self.limit}", None)
-                    await resp(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                return await self.too_large(str(int(v)))(scope, receive, send)
+        state = {"received": 0, "refused": False}
+
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request" and not state["refused"]:
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.limit:  # answer 413 now; the app sees the client leave
+                    state["refused"] = True
+                    await self.too_large(f"more than {self.limit}")(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):  # after the 413, whatever the app still answers is dropped
+            if not state["refused"]:
+                await send(message)
+
+        await self.app(scope, counted, guarded_send)
 
 
 def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
