@@ -32,7 +32,7 @@ class ServeConfig:
     max_n: int = 4  # images per request
     job_ttl_s: float = 600.0  # finished jobs are kept this long, then 410
     max_body_bytes: int = 1 << 20
-    request_timeout_s: float = 600.0  # the synchronous endpoint gives up (504, job cancelled) after this
+    request_timeout_s: float = 600.0  # a request older than this: 504 on the synchronous endpoint, a job fails (timeout)
     lora_cache: int = 8  # adapters kept loaded (LRU)
     preview_every: int = 0  # a `preview` SSE event every N steps (0: none)
     quantize: str | None = None

@@ -226,10 +226,17 @@ class Worker:
             if self.metrics:
                 self.metrics.step_latency.observe(now - t_last[0])
             t_last[0] = now
+            limit = self.config.request_timeout_s
             for j in batch:
                 if j.cancel_requested:
                     self.store.finish(j, J.CANCELLED)  # at this step boundary; its images are dropped
-                else:
+                elif not j.finished and time.time() - j.created > limit:  # its batch-mates go on
+                    err = {"code": "timeout", "message": f"the job ran past request_timeout_s={limit:g} s since it "
+                           "was submitted and was stopped", "field": None}
+                    if self.metrics:
+                        self.metrics.errors.labels("timeout").inc()
+                    self.store.finish(j, J.FAILED, error=err)
+                elif not j.finished:
                     self.store.progress(j, skip + i + 1, steps)
             if all(j.finished for j in batch):
                 raise _AllCancelled()
