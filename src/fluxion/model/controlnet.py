@@ -18,15 +18,14 @@ transformer's, plus diffusers' names for the ControlNet parts (`controlnet_block
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..compute import compute_dtype_of
-from .layers import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, position_table, timestep_embedding
-from .transformer import BlockResiduals, join_ids
+from .layers import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, position_table
+from .transformer import BlockResiduals, check_heads, join_ids, modulation_vector
 
 
 @dataclass
@@ -49,11 +48,7 @@ class FluxControlNetConfig:
 
     def __post_init__(self):
         self.axes_dim = tuple(int(a) for a in self.axes_dim)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
-            raise ValueError(f"axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, but the head dim is "
-                             f"{self.hidden_size // self.num_heads}")
+        check_heads(self.hidden_size, self.num_heads, self.axes_dim)
         c = self.conditioning_embedding_channels
         if c is not None and c * self.patch_size**2 != self.in_channels:
             raise ValueError(f"the hint block gives {c} channels x patch {self.patch_size}^2 = "
@@ -78,29 +73,6 @@ def hint_block(out_channels: int, channels: int = 16, in_channels: int = 3) -> n
                    nn.Conv2d(channels, channels, 3, padding=1, stride=2), nn.SiLU()]
     layers.append(nn.Conv2d(channels, out_channels, 3, padding=1))
     return nn.Sequential(*layers)
-
-
-@dataclass
-class ControlResiduals(BlockResiduals):
-    """BlockResiduals whose samples, computed once per step on the positive prompt's batch, are tiled over a
-    batch that stacks several passes ([cond; uncond] of batched true CFG): every pass gets the same residuals,
-    as diffusers gives both CFG passes the same ControlNet outputs."""
-
-    def after_double(self, i: int, depth: int, img: Tensor) -> Tensor:
-        n = len(self.double)
-        if not n:
-            return img
-        return img + _fit(self.double[i % n if self.repeat else i // math.ceil(depth / n)], img)
-
-    def after_single(self, i: int, depth: int, img: Tensor) -> Tensor:
-        n = len(self.single)
-        return img if not n else img + _fit(self.single[i // math.ceil(depth / n)], img)
-
-
-def _fit(sample: Tensor, img: Tensor) -> Tensor:
-    if sample.shape[0] != img.shape[0]:
-        sample = sample.repeat(img.shape[0] // sample.shape[0], *([1] * (sample.ndim - 1)))
-    return sample.to(img.dtype)
 
 
 class FluxControlNetModel(nn.Module):
@@ -208,13 +180,8 @@ class FluxControlNetModel(nn.Module):
             raise ValueError(f"the control input gives {tokens.shape[1]} tokens for {img.shape[1]} latent tokens")
         x = self.img_in(img.to(dtype)) + self.controlnet_x_embedder(tokens.to(dtype))
         t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
-        vec = self.time_in(timestep_embedding(t.float(), 256).to(dtype))
-        if c.guidance_embed:
-            if guidance is None:
-                raise ValueError("this ControlNet has a guidance embedder: pass `guidance` [B]")
-            g = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
-            vec = vec + self.guidance_in(timestep_embedding(g.float(), 256).to(dtype))
-        vec = vec + self.vector_in(y.to(dtype))
+        g = None if guidance is None else guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
+        vec = modulation_vector(self, t, y, g)
         txt = self.txt_in(txt.to(dtype))
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]
@@ -238,18 +205,14 @@ class FluxControlNetModel(nn.Module):
         for block, proj in zip(self.single_blocks, self.controlnet_single_blocks):
             joint = block(joint, vec, pe)
             single.append(proj(joint[:, n_txt:]) * scale)
-        return ControlResiduals(double, single, repeat=c.has_hint_block)
+        return BlockResiduals(double, single, repeat=c.has_hint_block)
 
 
 def per_block(r: BlockResiduals, depth: int, depth_single: int) -> BlockResiduals:
     """The same residuals as one tensor per transformer block (so nets of different kinds can be summed)."""
-    def at(samples, i, n_blocks, repeat):
-        n = len(samples)
-        return samples[i % n if repeat else i // math.ceil(n_blocks / n)]
-
-    double = [at(r.double, i, depth, r.repeat) for i in range(depth)] if r.double else []
-    single = [at(r.single, i, depth_single, False) for i in range(depth_single)] if r.single else []
-    return ControlResiduals(double, single, repeat=False)
+    double = [r.sample(r.double, i, depth, r.repeat) for i in range(depth)] if r.double else []
+    single = [r.sample(r.single, i, depth_single, False) for i in range(depth_single)] if r.single else []
+    return BlockResiduals(double, single, repeat=False)
 
 
 def combine(parts: list[BlockResiduals], depth: int, depth_single: int) -> BlockResiduals:
@@ -266,7 +229,7 @@ def combine(parts: list[BlockResiduals], depth: int, depth_single: int) -> Block
         spread = [per_block(p, depth, depth_single) for p in parts]
     out = spread[0]
     for p in spread[1:]:
-        out = ControlResiduals(_sum(out.double, p.double), _sum(out.single, p.single), out.repeat)
+        out = BlockResiduals(_sum(out.double, p.double), _sum(out.single, p.single), out.repeat)
     return out
 
 

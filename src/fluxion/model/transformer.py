@@ -32,13 +32,7 @@ class FluxConfig:
         self.axes_dim = tuple(int(a) for a in self.axes_dim)
         if self.out_channels is None:
             self.out_channels = self.in_channels
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
-            raise ValueError(
-                f"axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, but the head dim is "
-                f"{self.hidden_size // self.num_heads}: the RoPE axes must cover each head exactly"
-            )
+        check_heads(self.hidden_size, self.num_heads, self.axes_dim)
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +42,27 @@ class FluxConfig:
         d = asdict(self)
         d["axes_dim"] = list(self.axes_dim)
         return d
+
+
+def check_heads(hidden_size: int, num_heads: int, axes_dim: tuple[int, ...]) -> None:
+    """The width splits into whole heads, and the RoPE axes cover each head exactly."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if sum(axes_dim) != hidden_size // num_heads:
+        raise ValueError(f"axes_dim {axes_dim} sums to {sum(axes_dim)}, but the head dim is "
+                         f"{hidden_size // num_heads}: the RoPE axes must cover each head exactly")
+
+
+def modulation_vector(model: nn.Module, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+    """time (+ guidance) + pooled text through `model`'s `time_in`, `guidance_in`, `vector_in` embedders (the
+    transformer's, or a ControlNet's own)."""
+    dtype = model.compute_dtype
+    vec = model.time_in(timestep_embedding(timesteps.float(), 256).to(dtype))
+    if model.config.guidance_embed:
+        if guidance is None:
+            raise ValueError(f"this {type(model).__name__} has a guidance embedder (dev-style): pass `guidance` [B]")
+        vec = vec + model.guidance_in(timestep_embedding(guidance.float(), 256).to(dtype))
+    return vec + model.vector_in(y.to(dtype))
 
 
 PRESETS: dict[str, FluxConfig] = {
@@ -96,13 +111,7 @@ class FluxTransformer(nn.Module):
 
     def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
         """The vector that modulates every block: time (+ guidance) + pooled text."""
-        dtype = self.compute_dtype
-        vec = self.time_in(timestep_embedding(timesteps.float(), 256).to(dtype))
-        if self.config.guidance_embed:
-            if guidance is None:
-                raise ValueError("this model has a guidance embedder (dev-style): pass `guidance` [B]")
-            vec = vec + self.guidance_in(timestep_embedding(guidance.float(), 256).to(dtype))
-        return vec + self.vector_in(y.to(dtype))
+        return modulation_vector(self, timesteps, y, guidance)
 
     def compile_repeated_blocks(self, **compile_kwargs) -> None:
         """torch.compile each block (all blocks of a kind share one graph).
@@ -211,14 +220,24 @@ class BlockResiduals:
     repeat: bool = False
 
     def after_double(self, i: int, depth: int, img: Tensor) -> Tensor:
-        n = len(self.double)
-        if not n:
-            return img
-        return img + self.double[i % n if self.repeat else i // math.ceil(depth / n)].to(img.dtype)
+        return img if not self.double else img + _tiled(self.sample(self.double, i, depth, self.repeat), img)
 
     def after_single(self, i: int, depth: int, img: Tensor) -> Tensor:
-        n = len(self.single)
-        return img if not n else img + self.single[i // math.ceil(depth / n)].to(img.dtype)
+        return img if not self.single else img + _tiled(self.sample(self.single, i, depth, False), img)
+
+    @staticmethod
+    def sample(samples: list[Tensor], i: int, depth: int, repeat: bool) -> Tensor:
+        """The sample block i of `depth` gets: samples[i % n] (repeat) or samples[i // ceil(depth / n)]."""
+        n = len(samples)
+        return samples[i % n if repeat else i // math.ceil(depth / n)]
+
+
+def _tiled(sample: Tensor, img: Tensor) -> Tensor:
+    """A sample computed for one pass, over a batch that stacks several ([cond; uncond] of batched true CFG): every
+    pass gets the same residual (as diffusers gives both CFG passes the same ControlNet outputs)."""
+    if sample.shape[0] != img.shape[0]:
+        sample = sample.repeat(img.shape[0] // sample.shape[0], *([1] * (sample.ndim - 1)))
+    return sample.to(img.dtype)
 
 
 def _per_item(values: Tensor, batch: int) -> Tensor:

@@ -32,14 +32,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import logging
 import threading
 import time
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
+from ..png import png_info
 from . import jobs as J
 from .loras import LoraLoadError, LoraNotFound
 
@@ -54,13 +54,7 @@ def encode_image(image: Image.Image, fmt: str, parameters: dict | None = None) -
     """base64 of the image as PNG (with the generation parameters in its text chunks), JPEG or WebP."""
     buf = io.BytesIO()
     if fmt == "png":
-        info = PngImagePlugin.PngInfo()
-        if parameters:
-            info.add_text("parameters", json.dumps(parameters, default=str))
-            for k, v in parameters.items():
-                if v is not None:
-                    info.add_text(f"fluxion:{k}", str(v))
-        image.save(buf, format="PNG", pnginfo=info)
+        image.save(buf, format="PNG", pnginfo=png_info(parameters))
     elif fmt == "jpeg":
         image.convert("RGB").save(buf, format="JPEG", quality=95)
     elif fmt == "webp":
