@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..compute import compute_dtype_of
 from .layers import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, position_table
-from .transformer import BlockResiduals, check_heads, join_ids, modulation_vector
+from .transformer import BlockResiduals, check_heads, join_ids, modulation_vector, per_item
 
 
 @dataclass
@@ -179,9 +179,7 @@ class FluxControlNetModel(nn.Module):
         if tokens.shape[:2] != img.shape[:2]:
             raise ValueError(f"the control input gives {tokens.shape[1]} tokens for {img.shape[1]} latent tokens")
         x = self.img_in(img.to(dtype)) + self.controlnet_x_embedder(tokens.to(dtype))
-        t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
-        g = None if guidance is None else guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
-        vec = modulation_vector(self, t, y, g)
+        vec = modulation_vector(self, per_item(timesteps, batch), y, per_item(guidance, batch))
         txt = self.txt_in(txt.to(dtype))
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from .transformer import BlockResiduals, FluxTransformer, Prepared
+from .transformer import BlockResiduals, FluxTransformer, Prepared, per_item
 
 
 @dataclass
@@ -67,9 +67,7 @@ class StepRunner:
     def _conditioning(self, step: int, t: Tensor, y: Tensor, guidance: Tensor | None, batch: int):
         """(vec, modulations or None) of this step, sliced from every step's when they are known ahead."""
         tf = self.transformer
-        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
-        if guidance is not None:
-            guidance = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance
+        t, guidance = per_item(t, batch), per_item(guidance, batch)
         if not self.timesteps or step >= len(self.timesteps) or bool((t != t[0]).any()) \
                 or not _tiles(self.guidances, batch):
             return tf.conditioning(t, y, guidance), None

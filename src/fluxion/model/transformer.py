@@ -164,7 +164,7 @@ class FluxTransformer(nn.Module):
             raise ValueError(f"img and txt must be [B, N, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
         batch = img.shape[0]
         if prepared is None:
-            vec = self.conditioning(_per_item(timesteps, batch), y, None if guidance is None else _per_item(guidance, batch))
+            vec = self.conditioning(per_item(timesteps, batch), y, per_item(guidance, batch))
             prepared = Prepared(vec, None, *self.text_and_positions(txt, txt_ids, img_ids, batch))
         img = self.img_in(img.to(self.compute_dtype))
         img, txt = self.double_stream(img, prepared, attn_mask, residuals)
@@ -240,7 +240,10 @@ def _tiled(sample: Tensor, img: Tensor) -> Tensor:
     return sample.to(img.dtype)
 
 
-def _per_item(values: Tensor, batch: int) -> Tensor:
+def per_item(values: Tensor | None, batch: int) -> Tensor | None:
+    """One value per batch item: a single value is expanded to the batch (None stays None)."""
+    if values is None:
+        return None
     return values.reshape(-1).expand(batch) if values.numel() == 1 else values
 
 
