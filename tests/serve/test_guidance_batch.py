@@ -18,19 +18,14 @@ from PIL import Image  # noqa: E402
 import fluxion  # noqa: E402
 from fluxion.serve.app import create_app  # noqa: E402
 from fluxion.serve.config import ServeConfig  # noqa: E402
+from .jobs_wait import FINAL, wait_job  # noqa: E402
 
 STEPS = 4
 BATCH_TOL = 2  # of 255, as tests/serve/test_service.py
 
 
-def _wait(c, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=120):
-    t = time.time()
-    while True:
-        j = c.get(f"/v1/jobs/{job_id}").json()
-        if j["status"] in statuses:
-            return j
-        assert time.time() - t < timeout, j
-        time.sleep(0.02)
+def _wait(client, job_id, statuses=FINAL, timeout=120):
+    return wait_job(client, job_id, statuses, timeout)
 
 
 def _image(job) -> np.ndarray:

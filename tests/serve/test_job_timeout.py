@@ -12,16 +12,11 @@ import fastapi.testclient  # noqa: E402
 import fluxion  # noqa: E402
 from fluxion.serve.app import create_app  # noqa: E402
 from fluxion.serve.config import ServeConfig  # noqa: E402
+from .jobs_wait import FINAL, wait_job  # noqa: E402
 
 
-def _wait(c, job_id, timeout=120):
-    t = time.time()
-    while True:
-        j = c.get(f"/v1/jobs/{job_id}").json()
-        if j["status"] in ("succeeded", "failed", "cancelled"):
-            return j
-        assert time.time() - t < timeout, j
-        time.sleep(0.02)
+def _wait(client, job_id, statuses=FINAL, timeout=120):
+    return wait_job(client, job_id, statuses, timeout)
 
 
 def test_a_job_past_its_timeout_fails_alone():

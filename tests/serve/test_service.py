@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 
 from fluxion.serve.app import create_app  # noqa: E402
 from fluxion.serve.config import ServeConfig  # noqa: E402
+from .jobs_wait import FINAL, wait_job  # noqa: E402
 
 KEY = "test-key"
 SIZE = 64
@@ -120,14 +121,8 @@ def _body(prompt="a red circle", **kw):
     return {"prompt": prompt, "size": f"{SIZE}x{SIZE}", "steps": STEPS, **kw}
 
 
-def _wait(client, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=60):
-    t = time.time()
-    while True:
-        j = client.get(f"/v1/jobs/{job_id}").json()
-        if j["status"] in statuses:
-            return j
-        assert time.time() - t < timeout, j
-        time.sleep(0.02)
+def _wait(client, job_id, statuses=FINAL, timeout=60):
+    return wait_job(client, job_id, statuses, timeout)
 
 
 class Slow:
