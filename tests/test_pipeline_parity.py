@@ -12,13 +12,12 @@ from PIL import Image
 
 import fluxion
 from fixtures import TINY_VAE_CONFIG
+from oracle import SEQ, assert_same_images, run
 
-ATOL = 1e-4
 VAE_SCALE = 2 ** (len(TINY_VAE_CONFIG["block_out_channels"]) - 1)
 LATENT_CH = TINY_VAE_CONFIG["latent_channels"]
 PROMPTS = ["a photo of a red cat on a table", "a painting of a fluffy dragon at sunset"]
 NEGATIVE = ["blurry", "a photo of a dog"]
-SEQ = 32  # T5 tokens: short keeps the tests fast; both pipelines get the same value
 
 
 def _load(folder):
@@ -45,33 +44,6 @@ def schnell_pipes(tiny_schnell_dir):
 @pytest.fixture(scope="module", params=["dev", "schnell"])
 def pipes(request, dev_pipes, schnell_pipes):
     return dev_pipes if request.param == "dev" else schnell_pipes
-
-
-def run(pipe, seed=None, **kwargs):
-    """Call with a fresh generator from `seed` (a list of seeds gives a list of generators)."""
-    if isinstance(seed, list):
-        kwargs["generator"] = [torch.Generator().manual_seed(s) for s in seed]
-    elif seed is not None:
-        kwargs["generator"] = torch.Generator().manual_seed(seed)
-    kwargs.setdefault("max_sequence_length", SEQ)
-    kwargs.setdefault("num_inference_steps", 3)
-    kwargs.setdefault("output_type", "np")
-    return pipe(**kwargs).images
-
-
-def assert_same_images(pipes, seed=None, **kwargs):
-    ref, ours = pipes
-    expected = run(ref, seed, **kwargs)
-    got = run(ours, seed, **kwargs)
-    if isinstance(expected, torch.Tensor):
-        expected = expected.numpy()
-    if isinstance(got, torch.Tensor):
-        got = got.numpy()
-    assert got.shape == expected.shape, (got.shape, expected.shape)
-    err = np.abs(got - expected).max()
-    assert err <= ATOL, f"max abs difference {err:.3g} > {ATOL}"
-    assert expected.std() > 0.01  # a non-trivial image
-    return got
 
 
 def packed_latents(n, h, w, seed):

@@ -14,7 +14,7 @@ from PIL import Image
 import fluxion
 from controlnet_fixtures import diffusers_controlnet, to_xlabs_layout
 from fixtures import TINY_VAE_CONFIG, randomize_parameters_
-from pipelines.oracle import as_array, run
+from oracle import as_array, run
 
 ATOL = 1e-4
 PROMPTS = ["a photo of a red cat on a table", "a painting of a fluffy dragon at sunset"]
