@@ -1,11 +1,13 @@
 """fluxion: a from-scratch FLUX.1 engine."""
 from .checkpoints import CheckpointError, load_autoencoder, load_transformer, save_autoencoder, save_transformer
+from .distributed import ContextParallelConfig
 from .model.autoencoder import AutoEncoder, AutoEncoderConfig
 from .model.transformer import FluxConfig, FluxTransformer
 
 __all__ = [
     "FluxTransformer",
     "FluxConfig",
+    "ContextParallelConfig",
     "AutoEncoder",
     "AutoEncoderConfig",
     "load_transformer",

@@ -59,13 +59,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, mask: Tensor | Non
     """Joint attention with RoPE: q, k (any float dtype), v [B, H, L, D] -> [B, L, H*D] in v's dtype.
 
     `mask` (bool [L, L] or broadcastable to [B, H, L, L], True = may attend) restricts who sees whom
-    (regional prompts)."""
+    (regional prompts).
+
+    This is the blocks' default `attention_fn` (an extension point: a block calls `self.attention_fn(q, k, v,
+    table, mask)` and passes `mask` through untouched; `fluxion.distributed` swaps in a sequence-parallel
+    function on a transformer's own blocks, whose `mask` is then its shard layout)."""
     q, k = apply_rope(q, table, v.dtype), apply_rope(k, table, v.dtype)
+    return core_attention(q, k, v, mask).transpose(1, 2).flatten(2)
+
+
+def core_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v over [B, H, L, D] (RoPE already applied) -> [B, H, L, D]; bf16 on CPU runs
+    `bf16_cpu_attention`, everything else torch's SDPA."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        x = bf16_cpu_attention(q, k, v, mask=mask)
-    else:
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return x.transpose(1, 2).flatten(2)
+        return bf16_cpu_attention(q, k, v, mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def bf16_cpu_attention(q: Tensor, k: Tensor, v: Tensor, max_scores: int = 2**22, mask: Tensor | None = None) -> Tensor:
@@ -180,6 +188,8 @@ def feed_forward(dim: int, hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """MM-DiT block: separate weights per stream, one joint attention over [txt, img]."""
 
+    attention_fn = staticmethod(attention)  # extension point (see `attention`): replaced per instance
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
         super().__init__()
         mlp_hidden = int(dim * mlp_ratio)
@@ -205,7 +215,7 @@ class DoubleStreamBlock(nn.Module):
 
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), i_shift1, i_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
-        attn = attention(
+        attn = self.attention_fn(
             torch.cat([txt_q, img_q], dim=2), torch.cat([txt_k, img_k], dim=2), torch.cat([txt_v, img_v], dim=2), pe, mask
         )
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
@@ -219,6 +229,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """DiT block with parallel attention and MLP over the joint sequence (one fused input projection)."""
+
+    attention_fn = staticmethod(attention)  # extension point (see `attention`): replaced per instance
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -236,7 +248,7 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([3 * self.dim, self.mlp_hidden], -1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat([attention(q, k, v, pe, mask), self.mlp_act(mlp)], dim=2))
+        out = self.linear2(torch.cat([self.attention_fn(q, k, v, pe, mask), self.mlp_act(mlp)], dim=2))
         return x + gate * out
 
 

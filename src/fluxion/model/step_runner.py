@@ -51,18 +51,19 @@ class StepRunner:
         if self.threshold <= 0:
             return tf(img, img_ids, txt, txt_ids, t, y, guidance, attn_mask=attn_mask, residuals=residuals, prepared=p)
         img = tf.img_in(img.to(tf.compute_dtype))
+        img, p, attn_mask, residuals = tf.shard_blocks(img, p, attn_mask, residuals)  # as is in one process
         before = img
         img, txt_h = tf.double_stream(img, p, attn_mask, residuals, start=0, stop=1)
         first = img - before
         self.stats["steps"] += 1
-        if self._reusable(first):
+        if self._reusable(first, attn_mask):
             self.stats["skipped"] += 1
-            return tf.final_layer(img + self._rest, p.vec, p.mod(-1))
+            return tf.gather_tokens(tf.final_layer(img + self._rest, p.vec, p.mod(-1)), attn_mask)
         before = img
         img, txt_h = tf.double_stream(img, p, attn_mask, residuals, start=1, txt=txt_h)
         img = tf.single_stream(img, txt_h, p, attn_mask, residuals)
         self._first, self._rest = first, img - before
-        return tf.final_layer(img, p.vec, p.mod(-1))
+        return tf.gather_tokens(tf.final_layer(img, p.vec, p.mod(-1)), attn_mask)
 
     def _conditioning(self, step: int, t: Tensor, y: Tensor, guidance: Tensor | None, batch: int):
         """(vec, modulations or None) of this step, sliced from every step's when they are known ahead."""
@@ -89,11 +90,14 @@ class StepRunner:
             self._text, self._text_key = self.transformer.text_and_positions(txt, txt_ids, img_ids, batch), key
         return self._text
 
-    def _reusable(self, first: Tensor) -> bool:
+    def _reusable(self, first: Tensor, layout=None) -> bool:
         prev = self._first
         if prev is None or self._rest is None or prev.shape != first.shape:
             return False
         # Per image, then the largest: a batch skips only when every image in it (CFG halves included) is stable.
+        sp = self.transformer.parallel
+        if sp is not None:  # over every rank's tokens: all ranks take the same decision
+            return sp.relative_change(first, prev, layout).max().item() < self.threshold
         change = (first - prev).abs().flatten(1).mean(1) / prev.abs().flatten(1).mean(1).clamp_min(1e-12)
         return change.max().item() < self.threshold
 

@@ -78,6 +78,8 @@ def preset(name: str) -> FluxConfig:
 
 
 class FluxTransformer(nn.Module):
+    _parallel = None  # fluxion.distributed.SequenceParallel once enable_parallelism ran
+
     def __init__(self, config: FluxConfig):
         super().__init__()
         self.config = c = config
@@ -122,6 +124,46 @@ class FluxTransformer(nn.Module):
         for block in (*self.double_blocks, *self.single_blocks):
             block.compile(**{"dynamic": False, **compile_kwargs})
 
+    def enable_parallelism(self, config=None, *, group=None) -> None:
+        """Shard the token sequence over the ranks of a torch.distributed process group (diffusers' method).
+
+        `config`: `fluxion.ContextParallelConfig(ulysses_degree=..., ring_degree=...)` (default: Ulysses over the
+        whole group); the caller initialises the process group, and every rank runs the same call with the same
+        seed. Forward then returns the full [B, N, C] output on every rank. See
+        `fluxion.distributed.sequence_parallel`."""
+        from ..distributed.sequence_parallel import ContextParallelConfig, SequenceParallel
+
+        if config is None:
+            import torch.distributed as dist
+
+            config = ContextParallelConfig(ulysses_degree=dist.get_world_size(group) if dist.is_initialized() else 1)
+        sp = SequenceParallel(config, group)
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.attention_fn = sp.attention
+        self._parallel = sp
+
+    @property
+    def parallel(self):
+        """The installed `SequenceParallel` (None: single process)."""
+        return self._parallel
+
+    def shard_blocks(self, img: Tensor, p: Prepared, attn_mask=None, residuals=None):
+        """(img, p, attn_mask, residuals) as the blocks take them: unchanged in a single process; under
+        `enable_parallelism` this rank's slice of the tokens, RoPE table and residuals, with the shard layout in
+        place of `attn_mask` (which is refused). Undo with `gather_tokens` after the final layer."""
+        if self._parallel is None:
+            return img, p, attn_mask, residuals
+        if attn_mask is not None:
+            raise ValueError("attn_mask (regional prompts) is not supported with enable_parallelism: run regional "
+                             "prompts in a single process")
+        img, p, layout, residuals = self._parallel.shard(img, p, residuals)
+        return img, p, layout, residuals
+
+    def gather_tokens(self, out: Tensor, attn_mask=None) -> Tensor:
+        """The final layer's output over every token ([B, N, C] on every rank); `attn_mask` as `shard_blocks`
+        returned it."""
+        return out if self._parallel is None else self._parallel.gather(out, attn_mask)
+
     def modulations(self, vec: Tensor) -> list:
         """Every block's shift/scale/gate sets for `vec`, in call order (double blocks, single blocks, final)."""
         out = [(b.img_mod(vec), b.txt_mod(vec)) for b in self.double_blocks]
@@ -158,7 +200,8 @@ class FluxTransformer(nn.Module):
 
         Extension points: `attn_mask` (bool over the joint [txt, img] sequence, True = may attend: regional
         prompts), `residuals` (added to the image stream after blocks: ControlNets), `prepared` (conditioning,
-        text projection and RoPE table computed ahead by a sampler: `fluxion.model.step_runner`).
+        text projection and RoPE table computed ahead by a sampler: `fluxion.model.step_runner`). Under
+        `enable_parallelism` the blocks run on this rank's tokens and the output is gathered back to [B, N, C].
         """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, N, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
@@ -167,9 +210,10 @@ class FluxTransformer(nn.Module):
             vec = self.conditioning(per_item(timesteps, batch), y, per_item(guidance, batch))
             prepared = Prepared(vec, None, *self.text_and_positions(txt, txt_ids, img_ids, batch))
         img = self.img_in(img.to(self.compute_dtype))
+        img, prepared, attn_mask, residuals = self.shard_blocks(img, prepared, attn_mask, residuals)
         img, txt = self.double_stream(img, prepared, attn_mask, residuals)
         img = self.single_stream(img, txt, prepared, attn_mask, residuals)
-        return self.final_layer(img, prepared.vec, prepared.mod(-1))
+        return self.gather_tokens(self.final_layer(img, prepared.vec, prepared.mod(-1)), attn_mask)
 
     def double_stream(self, img: Tensor, p: Prepared, attn_mask=None, residuals=None, start: int = 0,
                       stop: int | None = None, txt: Tensor | None = None) -> tuple[Tensor, Tensor]:
