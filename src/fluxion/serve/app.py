@@ -1,4 +1,9 @@
-"""The HTTP app: `create_app(config, pipe=None) -> FastAPI`.
+"""The HTTP app: `create_app(config, pipe=None, replica_init=None) -> FastAPI`.
+
+With `config.workers = 1` one worker thread runs `pipe` (or the model the config names, loaded in a thread) in
+this process. With `workers = N > 1` (no `pipe`: each replica loads the model itself) N replica processes run
+the batches that N worker threads form from the one queue (`replicas.py`); `replica_init(pipe)`, a picklable
+function, runs in each replica after it has loaded (tests use it to slow the model down).
 
 Endpoints (every error is `{"error": {"code", "message", "field"}}`):
 - POST /v1/images/generations: OpenAI-compatible, synchronous -> {created, data: [{b64_json, seed}]}
@@ -11,7 +16,10 @@ Endpoints (every error is `{"error": {"code", "message", "field"}}`):
 - GET /v1/jobs/{id} -> {id, status, created, progress: {step, steps}, queue_position, result | error}
 - GET /v1/jobs/{id}/events: server-sent events (see `jobs.py` for the event names and data)
 - DELETE /v1/jobs/{id}: cancel (queued: at once; running: at the next step boundary; batch-mates go on)
-- GET /health (503 until the model is loaded), GET /metrics (Prometheus), GET / (the web page, if present)
+- GET /health (503 until the model is loaded: by every replica), GET /metrics (Prometheus), GET / (the web page)
+  /health and /v1/models report `workers`; /health also each replica's {index, pid, state, restarts}, a job
+  the replica {index, pid} that ran it (`worker`), /metrics `fluxion_worker_busy{worker}` and
+  `fluxion_replica_restarts_total{worker}`.
 With an API key set, /v1/* needs `Authorization: Bearer KEY` or `X-API-Key: KEY` (or `?api_key=KEY`, for the
 browser's EventSource, which cannot send headers).
 """
@@ -136,6 +144,10 @@ class Metrics:
         self.requests = Counter("fluxion_requests", "requests accepted", ["endpoint"], registry=r)
         self.errors = Counter("fluxion_errors", "errors answered or jobs failed", ["code"], registry=r)
         self.rejected = Counter("fluxion_queue_rejections", "requests refused with 429 (queue full)", registry=r)
+        self.workers = Gauge("fluxion_workers", "model replicas (worker threads / processes) configured", registry=r)
+        self.worker_busy = Gauge("fluxion_worker_busy", "1 while the worker runs a batch", ["worker"], registry=r)
+        self.replica_restarts = Counter("fluxion_replica_restarts", "replica processes restarted after ending",
+                                        ["worker"], registry=r)
 
 
 class BodyLimit:
@@ -174,12 +186,18 @@ class BodyLimit:
         await self.app(scope, counted, guarded_send)
 
 
-def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
+def create_app(config: ServeConfig | None = None, pipe=None, replica_init=None) -> FastAPI:
     config = (config or ServeConfig()).validate()
+    if config.workers > 1 and pipe is not None:
+        raise ValueError(f"workers={config.workers}: each replica process loads the model itself; pass no pipe "
+                         "(or use workers=1 to serve the given pipeline in this process)")
     store = J.JobStore(config.max_queue, config.job_ttl_s)
     metrics = Metrics(store)
+    metrics.workers.set(config.workers)
+    for i in range(config.workers):
+        metrics.worker_busy.labels(str(i)).set(0)
     loras = LoraLibrary(config.lora_dir, config.lora_cache)
-    state = {"pipe": pipe, "worker": None, "load_error": None}
+    state = {"pipe": pipe, "worker": None, "workers": [], "replicas": [], "load_error": None}
 
     def start_worker(p) -> None:
         worker = Worker(p, store, loras, config, metrics)
@@ -189,20 +207,38 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
 
     def load() -> None:
         try:
-            import torch
+            from .worker import load_pipeline
 
-            from ..pipelines import FluxPipeline
-
-            kw = {"quantize": config.quantize} if config.quantize else {}
-            if config.dtype:
-                kw["torch_dtype"] = getattr(torch, config.dtype)
-            p = FluxPipeline.from_pretrained(config.model, **kw)
-            p.set_progress_bar_config(disable=True)
+            p = load_pipeline(config)
             start_worker(p)
             log.info("model loaded: %s", p.model_path)
         except Exception as e:  # health reports it
             log.exception("loading the model failed")
             state["load_error"] = f"{type(e).__name__}: {e}"
+
+    def load_replicas() -> None:
+        """workers > 1: start every replica process (they load in parallel), then one worker thread each."""
+        from .replicas import RemoteWorker, Replica
+
+        try:
+            replicas = [Replica(config, i, replica_init) for i in range(config.workers)]
+            state["replicas"] = replicas
+            for r in replicas:
+                r.start()
+            for r in replicas:
+                r.wait_ready(lambda: state.get("stopping", False))
+            workers = [RemoteWorker(r, store, loras, config, metrics) for r in replicas]
+            for w in workers:
+                w.start()
+            state["workers"] = workers
+            state["pipe"], state["worker"] = workers[0].pipe, workers[0]
+            log.info("model loaded by %d replicas (processes %s): %s", len(workers),
+                     ", ".join(str(r.pid) for r in replicas), workers[0].pipe.model_path)
+        except Exception as e:  # health reports it; the replicas that did load are stopped
+            log.exception("starting the replicas failed")
+            state["load_error"] = f"{type(e).__name__}: {e}"
+            for r in state["replicas"]:
+                r.close(timeout=2)
 
     from contextlib import asynccontextmanager
 
@@ -211,10 +247,19 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
         if state["pipe"] is not None:
             start_worker(state["pipe"])
         else:
-            threading.Thread(target=load, name="fluxion-serve-load", daemon=True).start()
+            target = load_replicas if config.workers > 1 else load
+            threading.Thread(target=target, name="fluxion-serve-load", daemon=True).start()
         yield
-        if state["worker"] is not None:  # graceful: queued jobs cancelled, running ones stop at the next step
+        state["stopping"] = True
+        if state["workers"]:  # graceful: queued jobs cancelled, running ones stop at the next step, replicas exit
+            for w in state["workers"]:
+                w.stopping = True
+            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in state["workers"]))
+        elif state["worker"] is not None:
             await asyncio.to_thread(state["worker"].stop)
+        else:  # still loading: stop the replicas started so far
+            for r in state["replicas"]:
+                await asyncio.to_thread(r.close, 2)
 
     app = FastAPI(title="fluxion", version="1", lifespan=lifespan)
     app.state.store, app.state.metrics, app.state.loras, app.state.serve = store, metrics, loras, state
@@ -332,6 +377,8 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
                "progress": {"step": job.step, "steps": job.params.steps},
                "queue_position": store.position(job), "seed": job.params.seed,
                "cancel_requested": job.cancel_requested}
+        if job.worker is not None:
+            out["worker"] = job.worker
         if job.status == J.SUCCEEDED:
             out["result"] = {"created": int(job.finished_at), "data": job.result}
         if job.status == J.FAILED:
@@ -344,8 +391,16 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
     async def health():
         if state["worker"] is None:
             msg = state["load_error"] or "loading the model"
-            return JSONResponse({"status": "error" if state["load_error"] else "loading", "message": msg}, 503)
-        return {"status": "ok", "model": state["pipe"].model_path, "queue_depth": store.queue_depth()}
+            if config.workers > 1 and not state["load_error"]:
+                ready = sum(r.ready for r in state["replicas"])
+                msg += f" ({ready} of {config.workers} replicas ready)"
+            return JSONResponse({"status": "error" if state["load_error"] else "loading", "message": msg,
+                                 "workers": config.workers}, 503)
+        out = {"status": "ok", "model": state["pipe"].model_path, "queue_depth": store.queue_depth(),
+               "workers": config.workers}
+        if state["workers"]:
+            out["replicas"] = [w.describe() for w in state["workers"]]
+        return out
 
     @app.get("/metrics")
     async def prometheus():
@@ -384,6 +439,7 @@ def create_app(config: ServeConfig | None = None, pipe=None) -> FastAPI:
                          "true_cfg_scale": d.true_cfg_scale, "negative_prompt": d.negative_prompt},
             "limits": {"max_pixels": config.max_pixels, "max_steps": config.max_steps, "max_n": config.max_n,
                        "max_batch": config.max_batch, "size_multiple": pipe.vae_scale_factor * 2},
+            "workers": config.workers,
         }]}
 
     @app.get("/v1/loras")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -37,13 +38,15 @@ class ServeConfig:
     preview_every: int = 0  # a `preview` SSE event every N steps (0: none)
     quantize: str | None = None
     dtype: str | None = None  # weights dtype name ("float32", "bfloat16"); None: float32
+    workers: int = 1  # model replicas: 1 = one worker thread in the app process; N > 1 = N replica processes
+    replica_threads: int | None = None  # torch threads per replica (workers > 1); None: max(1, cores // workers)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> "ServeConfig":
         positive = ("port", "max_queue", "max_batch", "max_pixels", "max_steps", "max_n", "max_body_bytes",
-                    "lora_cache")
+                    "lora_cache", "workers")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -54,6 +57,9 @@ class ServeConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.replica_threads is not None and (not isinstance(self.replica_threads, int)
+                                                 or isinstance(self.replica_threads, bool) or self.replica_threads < 1):
+            raise ValueError(f"replica_threads must be an integer >= 1 (or unset), got {self.replica_threads!r}")
         if not isinstance(self.preview_every, int) or self.preview_every < 0:
             raise ValueError(f"preview_every must be an integer >= 0, got {self.preview_every!r}")
         if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
@@ -64,6 +70,16 @@ class ServeConfig:
             raise ValueError(f"host {self.host} is not a loopback address: give an API key (--api-key) or "
                              "--insecure to serve it without one")
         return self
+
+    def threads_per_replica(self) -> int:
+        """Torch threads each replica process sets: `replica_threads`, else the usable cores split evenly."""
+        if self.replica_threads is not None:
+            return self.replica_threads
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(1, cores // self.workers)
 
     def public(self) -> dict:
         """The settings without the API key."""

@@ -59,6 +59,7 @@ class Job:
     last_position: int | None = None
     watchers: list = field(default_factory=list)  # (event loop, asyncio.Event) of async readers
     done: threading.Event = field(default_factory=threading.Event)
+    worker: dict | None = None  # with several workers: {index, pid} of the replica that ran it
 
     @property
     def finished(self) -> bool:

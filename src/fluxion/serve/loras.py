@@ -2,7 +2,8 @@
 
 A name is a file stem: no folder separators, no `..`, not absolute, and the file it names must resolve inside
 the folder (a symlink pointing out of it is refused). Only the worker thread loads, activates and evicts
-adapters (it owns the pipeline); the app thread only resolves names (to answer 404 before queueing).
+adapters (it owns the pipeline); the app thread only resolves names (to answer 404 before queueing). With
+several workers (`ServeConfig.workers`) each replica process has a library of its own, loading what it runs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class LoraNotFound(LookupError):
     def __init__(self, name: str, message: str):
         super().__init__(message)
         self.name = name
+
+    def __reduce__(self):  # picklable (a replica process reports it to the app)
+        return (type(self), (self.name, str(self)))
 
 
 class LoraLoadError(RuntimeError):

@@ -1,4 +1,9 @@
-"""The one worker thread that owns the pipeline: takes jobs, batches them, runs them, reports progress.
+"""The worker thread that owns the pipeline: takes jobs, batches them, runs them, reports progress.
+
+With `ServeConfig.workers = 1` (the default) one `Worker` thread in the app process owns the pipeline. With
+`workers = N > 1` each of N `replicas.RemoteWorker` threads (this class, batching included, unchanged) sends
+its batches to one replica process, which runs this same `_run_call` on its own copy of the model (see
+`replicas.py`).
 
 Batching. The worker takes the oldest queued job, then waits up to `batch_window_ms` for more jobs whose
 `batch_key` matches (size, steps, CFG on/off, LoRA set and weights), up to
@@ -71,6 +76,19 @@ def _is_edit(params) -> bool:
 _EDIT_LOCK = threading.Lock()
 
 
+def load_pipeline(config):
+    """The pipeline `config` names (its model, quantization and dtype), progress bar off: what the app loads
+    with one worker, and what each replica process loads with several."""
+    from ..pipelines import FluxPipeline
+
+    kw = {"quantize": config.quantize} if config.quantize else {}
+    if config.dtype:
+        kw["torch_dtype"] = getattr(torch, config.dtype)
+    pipe = FluxPipeline.from_pretrained(config.model, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class Worker:
     def __init__(self, pipe, store: J.JobStore, loras, config, metrics=None):
         self.pipe = pipe
@@ -86,6 +104,21 @@ class Worker:
 
     def start(self) -> None:
         self.thread.start()
+
+    # hooks for `replicas.RemoteWorker` (a worker whose pipeline runs in another process); no-ops here
+
+    def _ensure_ready(self) -> bool:
+        """Before taking a job: whether this worker can run one now (a replica may be restarting)."""
+        return True
+
+    def _step_boundary(self, batch: list[J.Job]) -> None:
+        """At each step boundary, before `cancel_requested` is read (a replica learns it from the app here)."""
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        gauge = getattr(self.metrics, "worker_busy", None)
+        if gauge is not None:
+            gauge.labels(str(getattr(self, "index", 0))).set(1 if busy else 0)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel queued jobs, ask running ones to stop at the next step, wait for the thread."""
@@ -119,6 +152,8 @@ class Worker:
 
     def _loop(self) -> None:
         while not self.stopping:
+            if not self._ensure_ready():
+                continue
             first = self.store.take(timeout=0.5)
             if first is None:
                 continue
@@ -143,13 +178,13 @@ class Worker:
                 if left <= 0:
                     break
                 self.store.wait_new(left)
-            self.busy = True
+            self._set_busy(True)
             try:
                 self._run_batch(batch)
             except Exception:  # never let the worker die
                 log.exception("batch failed")
             finally:
-                self.busy = False
+                self._set_busy(False)
 
     def _run_batch(self, batch: list[J.Job]) -> None:
         live = [j for j in batch if not j.cancel_requested]
@@ -220,6 +255,7 @@ class Worker:
             if self.metrics:
                 self.metrics.step_latency.observe(now - t_last[0])
             t_last[0] = now
+            self._step_boundary(batch)
             limit = self.config.request_timeout_s
             for j in batch:
                 if j.cancel_requested:
