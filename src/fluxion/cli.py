@@ -140,11 +140,7 @@ def _named_as_flags():
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from .pipelines import default_model_dir
-    from .pipelines.guidance import parse
-    from .png import save_png
 
     model = args.model or str(default_model_dir())
     out = check_writable(args.out, "--out", ".png")  # before the model loads, not after the image is made
@@ -156,6 +152,42 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.regional and (args.image or args.reference or args.control_image):
         raise ValueError("--regional works with text-to-image only (no --image, --reference or --control-image)")
+    if args.parallel and args.regional:
+        raise ValueError("--regional does not work with --parallel (its attention mask is not sharded)")
+    rank = _init_parallel(args.parallel) if args.parallel else 0
+    try:
+        return _generate(args, model, out, rank)
+    finally:
+        if args.parallel:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_parallel(mode: str) -> int:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); returns this process's rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"--parallel {mode} runs under torchrun (e.g. `torchrun --nproc-per-node 2 -m fluxion.cli "
+                         f"generate ... --parallel {mode}`): {', '.join(missing)} not set")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
+def _generate(args, model: str, out: Path, rank: int) -> int:
+    import torch
+
+    from .pipelines.guidance import parse
+    from .png import save_png
+
     guidance = parse(args.guidance_schedule) if args.guidance_schedule else args.guidance
     true_cfg = parse(args.true_cfg_schedule) if args.true_cfg_schedule else args.true_cfg
     images, record = _image_arguments(args)
@@ -175,6 +207,13 @@ def cmd_generate(args) -> int:
         pipe.load_lora_weights(args.control_lora)
     if args.max_memory is not None:
         _limit_memory(pipe, Path(model) / "transformer", args.max_memory)
+    if args.parallel:  # every rank runs the same call with the same seed; the transformer shards the tokens
+        import torch.distributed as dist
+
+        from .distributed import ContextParallelConfig
+
+        degree = {f"{args.parallel}_degree": dist.get_world_size()}
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(**degree))
     n = args.num_images
     t0 = time.perf_counter()
     prompt, redux = args.prompt, images.pop("_redux_images", None)
@@ -202,7 +241,11 @@ def cmd_generate(args) -> int:
             **images,
         )
     seconds = time.perf_counter() - t0
+    if rank != 0:  # under --parallel every rank holds the same images: rank 0 alone writes them
+        return 0
     compute = str(pipe.compute_plans["transformer"].compute).replace("torch.", "")
+    if args.parallel:
+        record = {**record, "parallel": f"{args.parallel}x{torch.distributed.get_world_size()}"}
     for i, (image, params) in enumerate(zip(result.images, result.parameters)):
         path = out if n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         save_png(image, path, {**params, **record, "seed": args.seed, "image_index": i, "dtype": args.dtype,
@@ -273,13 +316,10 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     from .train.config import load_config
-    from .train.controlnet import train_controlnet
-    from .train.run import train
+    from .train.trainer import train
 
-    cfg = load_config(args.config, args.set)
-    # a ControlNet run's resume also checks its base model, net size and edge thresholds
-    run = train_controlnet if cfg.kind == "controlnet" else train
-    run(cfg, resume=not args.fresh, max_minutes=args.max_minutes, export_only=args.export_only)
+    train(load_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
+          export_only=args.export_only)
     return 0
 
 
@@ -324,6 +364,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _serve_count(text: str) -> int:
+    """argparse type for `serve --workers` / `--replica-threads`: an integer >= 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def cmd_serve(args) -> int:
     from .serve.config import ServeConfig
 
@@ -333,7 +384,7 @@ def cmd_serve(args) -> int:
         batch_window_ms=args.batch_window_ms, max_pixels=args.max_pixels, max_steps=args.max_steps, max_n=args.max_n,
         job_ttl_s=args.job_ttl, request_timeout_s=args.request_timeout, lora_cache=args.lora_cache,
         preview_every=args.preview_every, quantize=args.quantize,
-        dtype=DTYPES[args.dtype] if args.dtype else None)
+        dtype=DTYPES[args.dtype] if args.dtype else None, workers=args.workers, replica_threads=args.replica_threads)
     from .serve.app import serve
 
     serve(config)
@@ -413,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the transformer block by block when its files are larger than the budget (applies to "
                         "weights used as stored: GGUF, fp8, or --dtype matching the file)")
     _add_cache_arguments(g)
+    g.add_argument("--parallel", choices=["ulysses", "ring"], default=None,
+                   help="sequence-parallel over the processes of `torchrun --nproc-per-node N` (gloo on CPU, nccl "
+                        "on CUDA); rank 0 writes the image")
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", help="write a transformer checkpoint as a GGUF file")
@@ -535,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a preview image every N steps in the job events (0: none)")
     s.add_argument("--quantize", default=None, help="quantize the transformer while loading (int8, q8_0, ...)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--workers", type=_serve_count, default=1, metavar="N",
+                   help="model replicas, one process each, taking batches from the one queue (default 1: one "
+                        "worker thread in the server process); for several GPUs or many cores")
+    s.add_argument("--replica-threads", dest="replica_threads", type=_serve_count,
+                   default=None, metavar="T", help="torch threads per replica (default: cores // N)")
     s.set_defaults(func=cmd_serve)
     return p
 

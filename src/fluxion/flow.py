@@ -211,6 +211,10 @@ def loss_weights(sigma: Tensor, scheme: str = "none") -> Tensor:
     raise ValueError(f"unknown loss weighting {scheme!r}: use none, sigma_sqrt or cosmap")
 
 
+def flow_loss_per_row(pred: Tensor, target: Tensor, sigma: Tensor, scheme: str = "none") -> Tensor:
+    """Each sample's weighted mean squared velocity error [B]: the trainer averages these over its global batch."""
+    return loss_weights(sigma, scheme) * (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
 def flow_loss(pred: Tensor, target: Tensor, sigma: Tensor, scheme: str = "none") -> Tensor:
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (loss_weights(sigma, scheme) * per_sample).mean()
+    return flow_loss_per_row(pred, target, sigma, scheme).mean()

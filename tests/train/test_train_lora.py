@@ -7,6 +7,8 @@ from PIL import Image
 from fluxion import FluxPipeline
 from fluxion.cli import main
 from fluxion.train.lora import LoraTrainConfig, read_dataset, train_lora
+from fluxion.train.state import load_checkpoint
+from fluxion.train.trainer import CHECKPOINT
 
 
 @pytest.fixture
@@ -40,12 +42,12 @@ def test_train_lora_writes_a_loadable_adapter_and_resumes(tiny_dev_dir, image_fo
     train_lora(cfg)
     file = out / "pytorch_lora_weights.safetensors"
     assert file.is_file()
-    first = torch.load(out / "lora_checkpoint.pt", weights_only=False)
-    assert first["step"] == 2
+    first = load_checkpoint(out / CHECKPOINT)
+    assert first["info"]["step"] == 2
     # resume to 4 steps: starts at 2
     cfg.steps = 4
     train_lora(cfg)
-    assert torch.load(out / "lora_checkpoint.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(out / CHECKPOINT)["info"]["step"] == 4
 
     pipe = FluxPipeline.from_pretrained(tiny_dev_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -136,7 +138,7 @@ def test_cli_passes_precision_and_layers(tiny_dev_dir, image_folder, tmp_path):
                  "--validation-every", "0", "--mixed-precision", "bf16", "--lora-layers", "attn.to_q, proj_out",
                  "--logit-mean", "0.7", "--logit-std", "0.5", "--prior-target", "base_model"])
     assert code == 0
-    cfg = json.loads((out / "train_config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
     assert cfg["mixed_precision"] == "bf16" and cfg["targets"] == ["attn.to_q", "proj_out"]
     assert (cfg["logit_mean"], cfg["logit_std"], cfg["prior_target"]) == (0.7, 0.5, "base_model")
     assert {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in _adapter(out)} == {"to_q", "proj_out"}
@@ -230,12 +232,12 @@ def test_resume_with_other_adapter_settings_is_refused_before_touching_the_folde
     cfg = LoraTrainConfig(model=str(tiny_dev_dir), data=str(image_folder), output=str(out), instance_prompt="a sks",
                           steps=1, grad_accum=1, rank=2, resolution=32, validation_every=0, checkpoint_every=1)
     train_lora(cfg)
-    saved_config = (out / "train_config.json").read_text()
+    saved_config = (out / "config.json").read_text()
     for change, name in (({"rank": 4}, "rank"), ({"targets": ("attn.to_q",)}, "targets")):
         other = LoraTrainConfig(**{**cfg.__dict__, **change, "steps": 2})
         with pytest.raises(ValueError, match=f"cannot resume: {name} was"):
             train_lora(other)
-        assert (out / "train_config.json").read_text() == saved_config
+        assert (out / "config.json").read_text() == saved_config
 
 
 @pytest.mark.parametrize("field,value", [("prior_loss_weight", float("nan")), ("lr", 0.0), ("checkpoint_every", 0),

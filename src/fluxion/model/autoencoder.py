@@ -254,11 +254,15 @@ class AutoEncoder(nn.Module):
         mean, logvar = h.chunk(2, dim=1)
         return mean, torch.clamp(logvar, -30.0, 20.0)
 
-    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Image in [-1, 1] [B, 3, H, W] -> scaled latent [B, z, H/f, W/f]."""
+    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               noise: Tensor | None = None) -> Tensor:
+        """Image in [-1, 1] [B, 3, H, W] -> scaled latent [B, z, H/f, W/f]; `sample` draws from the posterior (with
+        `noise` when given: a trainer draws it ahead, for the whole batch)."""
         mean, logvar = self.encode_moments(x)
         z = mean
-        if sample:
+        if noise is not None:
+            z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
+        elif sample:
             # drawn where the generator lives, then moved (as diffusers' randn_tensor): a CPU generator with the
             # model on an accelerator gives the same sample as on the CPU
             where = generator.device if generator is not None else mean.device

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..checkpoints import load_autoencoder
 from ..checkpoints.diffusers import autoencoder_diffusers_config, autoencoder_to_diffusers, save_diffusers_part
 from ..data.loader import BatchSource
-from ..data.shapes import make_batch
+from ..data.shapes import CANVAS, make_batch
 from ..model.autoencoder import AutoEncoder, AutoEncoderConfig
 from .config import TrainConfig
 
@@ -35,8 +34,11 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
     return out
 
 
-class AutoencoderTask:
-    def __init__(self, cfg: TrainConfig):
+class AutoencoderTask(torch.nn.Module):
+    """Reconstruction (L1 + MSE) and a light KL term; a task of the one trainer (`fluxion.train.trainer`)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu"):
+        super().__init__()
         self.cfg = cfg
         if cfg.vae_init:  # go on from a trained one; its own architecture, in training form
             init = load_autoencoder(cfg.vae_init)
@@ -48,31 +50,30 @@ class AutoencoderTask:
             self.model = AutoEncoder(AutoEncoderConfig(**{"scale_factor": 1.0, "shift_factor": 0.0, **cfg.autoencoder}))
         if cfg.decoder_only:
             self.model.encoder.requires_grad_(False)
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(device)
         self.model.to(self.device)
+        f = self.model.downsample_factor
+        self.latent = self.model.config.z_channels, CANVAS // f, CANVAS // f
         self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=False)
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"autoencoder": self.model}
-
-    def trainable(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def ema_module(self) -> torch.nn.Module:
         return self.model
 
-    def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def batch(self, step: int, generator: torch.Generator) -> dict:
         images, _ = self.batches(step)
-        x = images_to_tensor(images, self.device)
+        return {"images": images, "noise": torch.randn((len(images), *self.latent), generator=generator)}
+
+    def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
+        x = images_to_tensor(rows["images"], self.device)
         with torch.set_grad_enabled(not self.cfg.decoder_only):
             mean, logvar = self.model.encode_moments(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(self.device)
+        z = mean + torch.exp(0.5 * logvar) * rows["noise"].to(self.device)
         recon = self.model.decoder(z)
-        l1 = F.l1_loss(recon.float(), x)
-        mse = F.mse_loss(recon.float(), x)
-        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).mean()
-        loss = l1 + mse + self.cfg.kl_weight * kl
-        return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+        l1 = (recon.float() - x).abs().flatten(1).mean(1)
+        mse = (recon.float() - x).pow(2).flatten(1).mean(1)
+        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).mean(1)
+        logs = {"l1": l1.mean().item(), "mse": mse.mean().item(), "kl": kl.mean().item()}  # this process's rows
+        return l1 + mse + self.cfg.kl_weight * kl, logs
 
     @torch.no_grad()
     def sample_grid(self, model: torch.nn.Module, step: int) -> Image.Image:

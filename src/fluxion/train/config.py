@@ -24,11 +24,12 @@ def check_numbers(cfg, positive=(), non_negative=(), at_least_one=(), finite=())
 
 @dataclass
 class TrainConfig:
-    kind: str  # "autoencoder" | "flux"
+    kind: str  # "autoencoder" | "flux" | "controlnet" (ControlNetTrainConfig)
     output: str  # run folder: checkpoint, logs, samples, export
     seed: int = 0
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # rows per optimizer step, over all processes together
+    grad_accum: int = 1  # split each process's share into this many forwards (memory), one optimizer step
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
@@ -80,7 +81,7 @@ class TrainConfig:
         check_numbers(self, positive=("lr", "grad_clip", "logit_std"),
                       non_negative=("weight_decay", "warmup_steps", "decay_steps", "sample_every", "data_workers",
                                     "kl_weight", "ema_decay"),
-                      at_least_one=("steps", "batch_size", "checkpoint_every", "log_every", "max_sequence_length",
+                      at_least_one=("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "max_sequence_length",
                                     "sample_steps"),
                       finite=("logit_mean", "sample_cfg"))
         if self.threads is not None:

@@ -1,6 +1,6 @@
 """Training an edge-map ControlNet for fluxion-mini on the shapes world (`fluxion train-controlnet CONFIG`).
 
-The one trainer (`fluxion.train.run.train`) runs it; this module supplies the task:
+The one trainer (`fluxion.train.trainer`) runs it; this module supplies the task:
 
 - frozen: the base model's transformer, VAE and text encoders (a FLUX folder, fluxion-mini by default);
 - trained: an InstantX-style `FluxControlNetModel` built as diffusers' `FluxControlNetModel.from_transformer`
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +31,11 @@ from torch import nn
 from ..control import canny
 from ..data.loader import BatchSource
 from ..data.shapes import CANVAS, COLORS, TRAIN_PAIRS, Scene, caption, render, sample_scene
-from ..flow import flow_loss, image_ids, noised, pack, sample_sigmas, velocity_target
+from ..flow import flow_loss_per_row, image_ids, noised, pack, sample_sigmas, velocity_target
 from ..model.controlnet import FluxControlNetConfig, FluxControlNetModel
 from .autoencoder import grid, images_to_tensor
 from .config import TrainConfig, check_numbers
-from .state import check_resume, load_checkpoint
 
-# settings (beyond the trainer's own) that a resumed ControlNet run must share with the saved one
-CONTROLNET_RESUME_KEYS = ("base_model", "controlnet", "canny_low", "canny_high")
 BENCH_STREAM = 7_777_777  # held-out scenes: rng([seed, BENCH_STREAM, i]); training draws rng([seed, step, i])
 
 
@@ -201,29 +198,26 @@ def edges_to_images(pipe, edges: list[Image.Image], prompts: list[str], seed: in
 # ------------------------------------------------------------------------------------------------ the task
 
 
-class ControlNetTask:
-    def __init__(self, cfg: ControlNetTrainConfig):
+class ControlNetTask(nn.Module):
+    def __init__(self, cfg: ControlNetTrainConfig, device: torch.device | str = "cpu"):
         from ..pipelines import FluxPipeline
 
+        super().__init__()
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(device)
         pipe = FluxPipeline.from_pretrained(cfg.base_model)
         pipe.set_progress_bar_config(disable=True)
         for m in (pipe.transformer, pipe.vae, pipe.clip.model, pipe.t5.model):
             m.requires_grad_(False).eval()
         self.pipe = pipe.to(self.device)
-        self.transformer, self.vae = pipe.transformer, pipe.vae
+        self.transformer, self.vae = pipe.transformer, pipe.vae  # frozen: the trainer saves only what learns
         self.side = pipe.defaults.sample_size * pipe.vae_scale_factor
         self.net = controlnet_from_transformer(self.transformer, *cfg.net_depths).to(self.device)
         lat = self.side // pipe.vae_scale_factor
         self.img_ids = image_ids(lat, lat, self.device)
+        self.latent = self.vae.config.z_channels, lat, lat
+        self.tokens = (lat // 2) ** 2, 4 * self.vae.config.z_channels
         self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=True)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"controlnet": self.net}
-
-    def trainable(self):
-        return list(self.net.parameters())
 
     def ema_module(self) -> nn.Module:
         return self.net
@@ -234,27 +228,36 @@ class ControlNetTask:
         return np.stack([np.asarray(Image.fromarray(im).resize((self.side, self.side), Image.BICUBIC))
                          for im in images])
 
-    def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def batch(self, step: int, generator: torch.Generator) -> dict:
+        """Step `step`'s whole batch: images, their edge maps, captions (some dropped), the edge latents' posterior
+        noise, the noise and the noise levels."""
         cfg = self.cfg
         images, captions = self.batches(step)
         images = self._pixels(images)
         edges = np.stack([np.asarray(canny(im, cfg.canny_low, cfg.canny_high)) for im in images])
         drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        n = len(captions)
+        posterior = torch.randn((n, *self.latent), generator=generator)
+        noise = torch.randn((n, *self.tokens), generator=generator)  # drawn on the CPU: same on any device
+        sigma = sample_sigmas(n, cfg.timestep_sampling, generator, cfg.logit_mean, cfg.logit_std)
+        return {"images": images, "edges": edges, "captions": captions, "posterior": posterior, "noise": noise,
+                "sigma": sigma}
+
+    def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
         with torch.no_grad():
-            x0 = pack(self.vae.encode(images_to_tensor(images, self.device))).float()
-            cond = pack(self.vae.encode(images_to_tensor(edges, self.device), sample=True,
-                                        generator=generator)).float()
-            txt, pooled, txt_ids = self.pipe.encode_prompt(captions, max_sequence_length=cfg.max_sequence_length)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)  # drawn on the CPU: same on any device
-        sigma = sample_sigmas(len(captions), cfg.timestep_sampling, generator, cfg.logit_mean, cfg.logit_std)
-        sigma = sigma.to(self.device)
+            x0 = pack(self.vae.encode(images_to_tensor(rows["images"], self.device))).float()
+            cond = pack(self.vae.encode(images_to_tensor(rows["edges"], self.device), noise=rows["posterior"])).float()
+            txt, pooled, txt_ids = self.pipe.encode_prompt(rows["captions"],
+                                                           max_sequence_length=cfg.max_sequence_length)
+        noise, sigma = rows["noise"].to(self.device), rows["sigma"].to(self.device)
         x_t = noised(x0, noise, sigma)
-        g = torch.full((len(captions),), cfg.guidance, device=self.device) if \
+        g = torch.full((len(sigma),), cfg.guidance, device=self.device) if \
             self.transformer.config.guidance_embed else None
         residuals = self.net(x_t, self.img_ids, txt, txt_ids, sigma, pooled, g, cond=cond)
         pred = self.transformer(x_t, self.img_ids, txt, txt_ids, sigma, pooled, g, residuals=residuals)
-        return flow_loss(pred, velocity_target(x0, noise), sigma, cfg.loss_weighting), {}
+        return flow_loss_per_row(pred, velocity_target(x0, noise), sigma, cfg.loss_weighting), {}
 
     def pipeline(self, net: FluxControlNetModel):
         from ..pipelines.controlnet import FluxControlNetPipeline
@@ -283,14 +286,10 @@ class ControlNetTask:
 
 def train_controlnet(cfg: ControlNetTrainConfig, resume: bool = True, max_minutes: float | None = None,
                      export_only: bool = False) -> dict:
-    """The one trainer on the ControlNet task; refuses (by name, before anything is written) to resume a run made
-    for another base model, net size or edge thresholds."""
-    from .run import CHECKPOINT, train
+    """The one trainer on the ControlNet task (it refuses, by name, to resume a run made for another base model,
+    net size or edge thresholds: `trainer.RESUME_KEYS`)."""
+    from .trainer import train
 
-    if resume:
-        state = load_checkpoint(cfg.run_dir / CHECKPOINT)
-        if state is not None:
-            check_resume(state.get("config", {}), asdict(cfg), CONTROLNET_RESUME_KEYS, cfg.run_dir / CHECKPOINT)
     return train(cfg, resume=resume, max_minutes=max_minutes, export_only=export_only)
 
 

@@ -18,7 +18,7 @@ from ..data.tokenizers import build_clip_tokenizer, build_word_t5_tokenizer, cli
 from ..model.text_encoders import CLIPEmbedder, T5Embedder
 from ..model.transformer import FluxConfig, FluxTransformer
 from ..pipelines import FluxPipeline, PipelineDefaults
-from ..flow import SCHNELL_SCHEDULE, flow_loss, image_ids, noised, pack, sample_sigmas, text_ids, velocity_target
+from ..flow import SCHNELL_SCHEDULE, flow_loss_per_row, image_ids, noised, pack, sample_sigmas, text_ids, velocity_target
 from .autoencoder import grid, images_to_tensor
 from .config import TrainConfig
 
@@ -53,10 +53,14 @@ def build_tokenizers(run_dir: Path, seed: int) -> tuple[Path, Path]:
     return clip_dir, t5_dir
 
 
-class FluxTask:
-    def __init__(self, cfg: TrainConfig):
+class FluxTask(nn.Module):
+    """Rectified flow on the shapes world: the transformer and both text encoders learn, the autoencoder is frozen.
+    A task of the one trainer (`fluxion.train.trainer`)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu"):
         import transformers
 
+        super().__init__()
         transformers.utils.logging.set_verbosity_error()
         self.cfg = cfg
         clip_dir, t5_dir = build_tokenizers(cfg.run_dir, cfg.seed)
@@ -74,12 +78,12 @@ class FluxTask:
             vocab_size=len(self.clip_tok), max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
             pad_token_id=pad,
         )
-        self.vae = load_autoencoder(cfg.vae_path).requires_grad_(False).eval()
+        vae = load_autoencoder(cfg.vae_path).requires_grad_(False).eval()
         fcfg = FluxConfig(**{
             "hidden_size": 128, "num_heads": 4, "depth": 2, "depth_single_blocks": 4, "axes_dim": (8, 12, 12),
             "guidance_embed": False,
             **cfg.transformer,
-            "in_channels": 4 * self.vae.config.z_channels, "vec_in_dim": clip_cfg.hidden_size,
+            "in_channels": 4 * vae.config.z_channels, "vec_in_dim": clip_cfg.hidden_size,
             "context_in_dim": t5_cfg.d_model,
         })
         self.model = nn.ModuleDict({
@@ -88,19 +92,14 @@ class FluxTask:
             "clip": transformers.CLIPTextModel(clip_cfg),
         })
         init_transformer_(self.model["transformer"])
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(device)
         self.model.to(self.device)
-        self.vae.to(self.device)
-        side = 128 // self.vae.downsample_factor
+        self.vae = vae.to(self.device)  # frozen: the trainer saves and averages only what learns
+        side = 128 // vae.downsample_factor
+        self.tokens = (side // 2) ** 2, 4 * vae.config.z_channels
         self.img_ids = image_ids(side, side, self.device)
         self.txt_ids = text_ids(cfg.max_sequence_length, self.device)
         self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=True)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def trainable(self):
-        return list(self.model.parameters())
 
     def ema_module(self) -> nn.Module:
         return self.model
@@ -110,19 +109,23 @@ class FluxTask:
         clip = CLIPEmbedder(self.clip_tok, model["clip"])
         return t5(captions, self.cfg.max_sequence_length), clip(captions)
 
-    def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def batch(self, step: int, generator: torch.Generator) -> dict:
+        """Step `step`'s whole batch: images, captions (some dropped to empty), noise and noise levels."""
         cfg = self.cfg
         images, captions = self.batches(step)
         drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        with torch.no_grad():
-            x0 = pack(self.vae.encode(images_to_tensor(images, self.device))).float()
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)  # drawn on the CPU: same on any device
+        noise = torch.randn((len(captions), *self.tokens), generator=generator)  # on the CPU: same on any device
         sigma = sample_sigmas(len(captions), cfg.timestep_sampling, generator, cfg.logit_mean, cfg.logit_std)
-        sigma = sigma.to(self.device)
-        txt, pooled = self.encode_text(self.model, captions)
+        return {"images": images, "captions": captions, "noise": noise, "sigma": sigma}
+
+    def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            x0 = pack(self.vae.encode(images_to_tensor(rows["images"], self.device))).float()
+        noise, sigma = rows["noise"].to(self.device), rows["sigma"].to(self.device)
+        txt, pooled = self.encode_text(self.model, rows["captions"])
         pred = self.model["transformer"](noised(x0, noise, sigma), self.img_ids, txt, self.txt_ids, sigma, pooled)
-        return flow_loss(pred, velocity_target(x0, noise), sigma, cfg.loss_weighting), {}
+        return flow_loss_per_row(pred, velocity_target(x0, noise), sigma, self.cfg.loss_weighting), {}
 
     def pipeline(self, model: nn.ModuleDict) -> FluxPipeline:
         defaults = PipelineDefaults(**{"sample_size": 128 // self.vae.downsample_factor,
@@ -134,11 +137,12 @@ class FluxTask:
 
     @torch.no_grad()
     def sample_grid(self, model: nn.ModuleDict, step: int) -> Image.Image:
+        was_training = model.training
         prompts = self.cfg.sample_prompts or ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
         model.eval()
         images = self.pipeline(model)(prompts, num_inference_steps=self.cfg.sample_steps,
                                       generator=torch.Generator().manual_seed(0)).images
-        model.train()
+        model.train(was_training)
         return grid(images, columns=min(8, len(images)))
 
     def export(self, model: nn.ModuleDict, folder: Path) -> None:

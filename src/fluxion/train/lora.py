@@ -26,17 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..compute import resolve_bf16_autocast
 from ..files import inside, read_text
 from ..images import load_image
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
-from ..flow import flow_loss, image_ids, latent_grid, noised, pack, sample_sigmas, text_ids, velocity_target
+from ..flow import flow_loss_per_row, image_ids, latent_grid, noised, pack, sample_sigmas, text_ids, velocity_target
 from .autoencoder import grid
 from .config import check_numbers
-from .run import save_image_atomic, step_generator
-from .state import check_resume, load_checkpoint, save_atomic
+from .trainer import save_image_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ADAPTER = "dreambooth"
@@ -141,9 +141,8 @@ def load_images(pairs, resolution: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | None = None) -> Path:
-    from ..pipelines import FluxPipeline
-
+def check_lora_config(cfg: LoraTrainConfig) -> tuple[list, list, int]:
+    """Everything about a LoRA run that can be checked before a model loads: (pairs, class pairs, class batch)."""
     pairs = read_dataset(cfg.data, cfg.instance_prompt)  # bad input fails before any model loads
     class_batch = cfg.batch_size if cfg.class_batch_size is None else cfg.class_batch_size
     if min(cfg.rank, cfg.steps, cfg.batch_size, class_batch, cfg.grad_accum) < 1:
@@ -167,131 +166,149 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file: name a folder for the adapter, checkpoints and samples")
-    if resume and (out / "lora_checkpoint.pt").is_file() and (out / "train_config.json").is_file():
-        check_resume(json.loads((out / "train_config.json").read_text()), asdict(cfg), LORA_RESUME_KEYS,
-                     out / "lora_checkpoint.pt")  # before train_config.json is overwritten
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    pipe = FluxPipeline.from_pretrained(cfg.model)
-    pipe.set_progress_bar_config(disable=True)
-    transformer = pipe.transformer.requires_grad_(False)
-    for m in (pipe.vae, pipe.clip.model, pipe.t5.model):
-        m.requires_grad_(False)
-    resolution = cfg.resolution or pipe.defaults.sample_size * pipe.vae_scale_factor
-    if resolution % (2 * pipe.vae_scale_factor):
-        raise ValueError(f"resolution must be a multiple of {2 * pipe.vae_scale_factor}, got {resolution}")
+    return pairs, class_pairs, class_batch
 
-    if cfg.class_prompt is not None:
-        generate_class_images(pipe, Path(cfg.class_data), cfg.class_prompt, cfg.num_class_images, resolution, cfg.seed)
-        class_pairs = read_dataset(cfg.class_data, cfg.class_prompt, "--class-data")
 
-    with torch.no_grad():  # the cache: nothing below is trained
-        everything = pairs + class_pairs
-        pixels = load_images(everything, resolution)
-        latents = pack(pipe.vae.encode(pixels))
-        mirrored = pack(pipe.vae.encode(pixels.flip(-1))) if cfg.random_flip else None  # cached too
-        embeds, pooled, _ = pipe.encode_prompt([c for _, c in everything] + [""])
-        empty_embeds, empty_pooled = embeds[-1:], pooled[-1:]
-        embeds, pooled = embeds[:-1], pooled[:-1]
-    lat = latent_grid(resolution, resolution, pipe.vae_scale_factor)
-    img_ids, txt_ids = image_ids(*lat), text_ids(embeds.shape[1])
+class LoraTask(nn.Module):
+    """The adapter learns; the base transformer, VAE and text encoders are frozen, and the latents and text
+    embeddings they make are computed once. A task of the one trainer (`fluxion.train.trainer`).
 
-    params = add_trainable_adapter(transformer, ADAPTER, rank=cfg.rank, alpha=cfg.alpha,
-                                   targets=tuple(cfg.targets) if cfg.targets else DEFAULT_TARGETS,
-                                   generator=torch.Generator().manual_seed(cfg.seed))
+    A step's global batch is `grad_accum` micro-batches of `batch_size` instance rows (then `class_batch` class
+    rows, with prior preservation), as diffusers lays them out. Row weights make the mean over the global batch
+    equal to the recipe's objective, the mean over micro-batches of (instance mean + prior_loss_weight x class
+    mean), however the rows are spread over processes.
+    """
+
+    def __init__(self, cfg: LoraTrainConfig, pipe, pairs: list, class_pairs: list, class_batch: int,
+                 resolution: int):
+        super().__init__()
+        self.cfg, self.pipe, self.resolution = cfg, pipe, resolution
+        self.n_instance, self.class_batch = len(pairs), class_batch if class_pairs else 0
+        self.n_class = len(class_pairs)
+        self.transformer = pipe.transformer.requires_grad_(False)
+        for m in (pipe.vae, pipe.clip.model, pipe.t5.model):
+            m.requires_grad_(False)
+        with torch.no_grad():  # the cache: nothing below is trained
+            everything = pairs + class_pairs
+            pixels = load_images(everything, resolution)
+            self.latents = pack(pipe.vae.encode(pixels))
+            self.mirrored = pack(pipe.vae.encode(pixels.flip(-1))) if cfg.random_flip else None
+            embeds, pooled, _ = pipe.encode_prompt([c for _, c in everything] + [""])
+            self.empty_embeds, self.empty_pooled = embeds[-1:], pooled[-1:]
+            self.embeds, self.pooled = embeds[:-1], pooled[:-1]
+        lat = latent_grid(resolution, resolution, pipe.vae_scale_factor)
+        self.img_ids, self.txt_ids = image_ids(*lat), text_ids(self.embeds.shape[1])
+        # the adapter's layers find their weights through the transformer's adapter registry (outside the module
+        # tree, for hot swapping); registered here too, so the trainer (and DDP) see what learns
+        self.adapter = nn.ParameterList(add_trainable_adapter(
+            self.transformer, ADAPTER, rank=cfg.rank, alpha=cfg.alpha,
+            targets=tuple(cfg.targets) if cfg.targets else DEFAULT_TARGETS,
+            generator=torch.Generator().manual_seed(cfg.seed)))
+        self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
+
+    @property
+    def micro_rows(self) -> int:
+        return self.cfg.batch_size + self.class_batch
+
+    def ema_module(self) -> nn.Module:
+        return self.transformer
+
+    def batch(self, step: int, gen: torch.Generator) -> dict:
+        cfg, b, c = self.cfg, self.cfg.batch_size, self.class_batch
+        parts = []
+        for _ in range(cfg.grad_accum):
+            idx = torch.randint(self.n_instance, (b,), generator=gen)
+            if c:  # diffusers' layout: instance rows, then class rows
+                idx = torch.cat([idx, self.n_instance + torch.randint(self.n_class, (c,), generator=gen)])
+            n = len(idx)
+            flip = torch.rand(n, generator=gen) < 0.5 if self.mirrored is not None else torch.zeros(n, dtype=bool)
+            drop = torch.rand(n, generator=gen) < cfg.caption_dropout if cfg.caption_dropout else \
+                torch.zeros(n, dtype=bool)
+            noise = torch.randn((n, *self.latents.shape[1:]), generator=gen)
+            sigma = sample_sigmas(n, cfg.timestep_sampling, gen, cfg.logit_mean, cfg.logit_std)
+            prior = torch.arange(n) >= b
+            weight = torch.where(prior, cfg.prior_loss_weight * n / max(c, 1), torch.tensor(n / b))
+            parts.append({"idx": idx, "flip": flip, "drop": drop, "noise": noise, "sigma": sigma, "prior": prior,
+                          "weight": weight})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
+        cfg, tf = self.cfg, self.transformer
+        idx, sigma = rows["idx"], rows["sigma"]
+        x0, txt, vec = self.latents[idx], self.embeds[idx], self.pooled[idx]
+        if self.mirrored is not None:
+            x0 = torch.where(rows["flip"][:, None, None], self.mirrored[idx], x0)
+        drop = rows["drop"]
+        txt = torch.where(drop[:, None, None], self.empty_embeds, txt)
+        vec = torch.where(drop[:, None], self.empty_pooled, vec)
+        g = torch.full((len(idx),), cfg.guidance_scale) if tf.config.guidance_embed else None
+        x_t = noised(x0, rows["noise"], sigma)
+        pred = tf(x_t, self.img_ids, txt, self.txt_ids, sigma, vec, g)
+        target = velocity_target(x0, rows["noise"])
+        prior = rows["prior"]
+        if cfg.prior_target == "base_model" and bool(prior.any()):  # the frozen base model's own velocity
+            enable_lora(tf, False)
+            try:
+                with torch.no_grad():
+                    gp = g[prior] if g is not None else None
+                    target[prior] = tf(x_t[prior], self.img_ids, txt[prior], self.txt_ids, sigma[prior], vec[prior],
+                                       gp).float()
+            finally:
+                enable_lora(tf, True)
+        return rows["weight"] * flow_loss_per_row(pred, target, sigma), {}
+
+    @torch.no_grad()
+    def sample_grid(self, module, step: int):
+        if not self.cfg.validation_prompt:
+            return None
+        self.transformer.eval()
+        images = self.pipe([self.cfg.validation_prompt] * 4, generator=[torch.Generator().manual_seed(i)
+                                                                         for i in range(4)],
+                           height=self.resolution, width=self.resolution).images
+        self.transformer.train()
+        return grid(images, columns=4)
+
+    def export(self, module, folder: Path) -> None:
+        save_lora_adapter(self.transformer, ADAPTER, folder, base_model=str(self.pipe.model_path))
+
+
+def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | None = None) -> Path:
+    """`fluxion train-lora`: the LoRA task through the one trainer; writes `pytorch_lora_weights.safetensors` in
+    the output folder (at every checkpoint too), beside the resumable checkpoint."""
+    from ..pipelines import FluxPipeline
+    from .trainer import LoopSettings, fit
+
+    pairs, class_pairs, class_batch = check_lora_config(cfg)
+    out = Path(cfg.output)
+
+    def build(device):
+        pipe = FluxPipeline.from_pretrained(cfg.model)
+        pipe.set_progress_bar_config(disable=True)
+        resolution = cfg.resolution or pipe.defaults.sample_size * pipe.vae_scale_factor
+        if resolution % (2 * pipe.vae_scale_factor):
+            raise ValueError(f"resolution must be a multiple of {2 * pipe.vae_scale_factor}, got {resolution}")
+        found = class_pairs
+        if cfg.class_prompt is not None:
+            generate_class_images(pipe, Path(cfg.class_data), cfg.class_prompt, cfg.num_class_images, resolution,
+                                  cfg.seed)
+            found = read_dataset(cfg.class_data, cfg.class_prompt, "--class-data")
+        return LoraTask(cfg, pipe.to(device), pairs, found, class_batch, resolution)
+
+    class_rows = class_batch if (class_pairs or cfg.class_prompt is not None) else 0
+    micro = cfg.batch_size + class_rows
     # bf16 autocast: on CPUs with bf16 units a training step runs 2.1x faster (fluxion-mini, batch 32:
     # bench/lora_step_speed.py); the adapter's weights, its gradients and the optimizer stay float32, as with
     # accelerate's bf16.
-    device_type = next(transformer.parameters()).device.type
-    bf16 = cfg.mixed_precision != "no" and resolve_bf16_autocast(
-        "auto" if cfg.mixed_precision == "auto" else True, device_type)
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    step = 0
-    state = load_checkpoint(out / "lora_checkpoint.pt") if resume else None
-    if state is not None:
-        shapes = [tuple(p.shape) for p in params], [tuple(t.shape) for t in state["params"]]
-        if shapes[0] != shapes[1]:
-            raise ValueError(f"{out / 'lora_checkpoint.pt'}: cannot resume: its adapter tensors have shapes "
-                             f"{shapes[1][:4]}..., this run's {shapes[0][:4]}...; start over (--fresh)")
-        with torch.no_grad():
-            for p, saved in zip(params, state["params"]):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        print(f"resumed {out / 'lora_checkpoint.pt'} at step {step}")
-    transformer.gradient_checkpointing = cfg.gradient_checkpointing
-
-    def checkpoint():
-        save_atomic({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                     "step": step}, out / "lora_checkpoint.pt")
-        save_lora_adapter(transformer, ADAPTER, out, base_model=str(pipe.model_path))
-
-    def validate():
-        if not cfg.validation_prompt:
-            return
-        transformer.eval()
-        images = pipe([cfg.validation_prompt] * 4, generator=[torch.Generator().manual_seed(i) for i in range(4)],
-                      height=resolution, width=resolution).images
-        transformer.train()
-        save_image_atomic(grid(images, columns=4), out / f"validation-{step:05d}.png")
-
+    device = "cpu"
+    bf16 = cfg.mixed_precision != "no" and bool(resolve_bf16_autocast(
+        "auto" if cfg.mixed_precision == "auto" else True, device))
+    settings = LoopSettings(
+        output=str(out), steps=cfg.steps, batch_size=micro * cfg.grad_accum, micro_batch=micro, lr=cfg.lr,
+        weight_decay=1e-4, checkpoint_every=cfg.checkpoint_every, sample_every=cfg.validation_every, log_every=1,
+        seed=cfg.seed, bf16=bf16, export=str(out), export_at_checkpoints=True, samples_name="validation",
+        title="train-lora")
     start = time.time()
-    transformer.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-lora", unit="step")
-    while step < cfg.steps:
-        gen = step_generator(cfg.seed, step)
-        t0 = time.time()
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            idx = torch.randint(len(pairs), (cfg.batch_size,), generator=gen)
-            if class_pairs:  # diffusers' layout: instance half, then class half, one forward
-                idx = torch.cat([idx, len(pairs) + torch.randint(len(class_pairs), (class_batch,), generator=gen)])
-            n = len(idx)
-            x0, txt, vec = latents[idx], embeds[idx], pooled[idx]
-            if mirrored is not None:
-                x0 = torch.where((torch.rand(n, generator=gen) < 0.5)[:, None, None], mirrored[idx], x0)
-            if cfg.caption_dropout:
-                drop = torch.rand(n, generator=gen) < cfg.caption_dropout
-                txt = torch.where(drop[:, None, None], empty_embeds, txt)
-                vec = torch.where(drop[:, None], empty_pooled, vec)
-            noise = torch.randn(x0.shape, generator=gen)
-            sigma = sample_sigmas(n, cfg.timestep_sampling, gen, cfg.logit_mean, cfg.logit_std)
-            g = torch.full((n,), cfg.guidance_scale) if transformer.config.guidance_embed else None
-            x_t = noised(x0, noise, sigma)
-            with autocast:
-                pred = transformer(x_t, img_ids, txt, txt_ids, sigma, vec, g)
-            target = velocity_target(x0, noise)
-            b = cfg.batch_size
-            if class_pairs and cfg.prior_target == "base_model":
-                gb = g[b:] if g is not None else None
-                enable_lora(transformer, False)
-                try:
-                    with torch.no_grad(), autocast:
-                        target[b:] = transformer(x_t[b:], img_ids, txt[b:], txt_ids, sigma[b:], vec[b:], gb).float()
-                finally:
-                    enable_lora(transformer, True)
-            loss = flow_loss(pred[:b], target[:b], sigma[:b])
-            if class_pairs:
-                loss = loss + cfg.prior_loss_weight * flow_loss(pred[b:], target[b:], sigma[b:])
-            loss = loss / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}", samples_per_s=f"{cfg.batch_size * cfg.grad_accum / (time.time() - t0):.1f}")
-        if step % cfg.checkpoint_every == 0:
-            checkpoint()
-        if cfg.validation_every and step % cfg.validation_every == 0:
-            validate()
-        if max_minutes is not None and time.time() - start > 60 * max_minutes:
-            break
-    bar.close()
-    transformer.eval()
-    checkpoint()
-    print(f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {step}, {time.time() - start:.0f} s)")
+    summary = fit(build, settings, asdict(cfg), LORA_RESUME_KEYS, resume=resume, max_minutes=max_minutes,
+                  device=device)
+    print(f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {summary['step']}, {time.time() - start:.0f} s)")
     return out / "pytorch_lora_weights.safetensors"
-

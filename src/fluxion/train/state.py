@@ -1,40 +1,83 @@
-"""Training state on disk: atomic checkpoints, EMA weights."""
+"""Training state on disk: one atomic safetensors checkpoint (tensors) with a JSON header (everything else), and
+the EMA weights.
+
+No pickle anywhere: a checkpoint is a safetensors file whose metadata holds one JSON document (step, loss history,
+config, optimizer hyper-parameters), so a file from elsewhere cannot run code when a run resumes. Tensors are
+full (unsharded) and optimizer state is keyed by parameter name, so a checkpoint written by any number of
+processes resumes on any other number (`fluxion.train.trainer`).
+"""
 from __future__ import annotations
 
 import copy
 import json
 import os
-import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files import atomic_path
 
+FORMAT = "fluxion-train-checkpoint/1"
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a kill never leaves a torn file."""
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, dict[str, torch.Tensor]], info: dict) -> None:
+    """Write groups of named tensors ({"model": {...}, "optimizer": {...}, ...}) and a JSON-able `info` to `path`,
+    atomically (temp file, fsync, rename): a kill never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    flat = {f"{group}/{name}": t.detach().cpu().contiguous() for group, named in tensors.items()
+            for name, t in named.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata={"format": FORMAT, "info": json.dumps(info)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict | None:
-    """A training checkpoint, or None where there is none. Loaded with `weights_only=True`: tensors and plain
-    values only, so a planted file cannot run code when a run resumes (a full unpickle would)."""
+    """{"info": dict, "<group>": {name: tensor}} of a checkpoint, or None where there is none. Anything that is not
+    a fluxion checkpoint (an old pickle, a planted file) is refused by name; nothing in it is executed."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: not a fluxion checkpoint: it holds objects other than tensors and plain values, "
-                         f"which fluxion never unpickles (delete it, or resume from a checkpoint fluxion wrote): "
-                         f"{str(e).splitlines()[0]}") from None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"its format is {meta.get('format')!r}")
+        flat = load_file(str(path))
+        out: dict = {"info": json.loads(meta["info"])}
+    except (SafetensorError, ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: not a fluxion checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"delete it, or resume from a checkpoint fluxion wrote (fluxion never unpickles "
+                         f"checkpoints)") from None
+    for key, t in flat.items():
+        group, _, name = key.partition("/")
+        out.setdefault(group, {})[name] = t
+    return out
+
+
+def optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A name-keyed optimizer state dict (torch.distributed.checkpoint's full form: {"state": {name: {key: value}},
+    "param_groups": [{..., "params": [names]}]}) -> (tensors "name:key", JSON-able param groups)."""
+    tensors = {f"{name}:{key}": torch.as_tensor(v) for name, s in state["state"].items() for key, v in s.items()}
+    groups = json.loads(json.dumps(state["param_groups"], default=list))
+    return tensors, groups
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict = {}
+    for key, t in tensors.items():
+        name, _, field = key.rpartition(":")
+        state.setdefault(name, {})[field] = t
+    for g in groups:  # JSON turned tuples into lists
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
 
 
 def check_resume(saved: dict, new: dict, keys: tuple[str, ...], where: str | os.PathLike) -> None:
