@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fluxion.train.config import TrainConfig, load_config
-from fluxion.train.trainer import CHECKPOINT, make_task, rows_of, step_generator, train
+from fluxion.train.trainer import CHECKPOINT, make_task, step_generator, train
 from fluxion.train.state import load_checkpoint
 
 TINY_AE = {"ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "z_channels": 4, "norm_groups": 4}

@@ -63,7 +63,10 @@ class FluxTask(nn.Module):
         super().__init__()
         transformers.utils.logging.set_verbosity_error()
         self.cfg = cfg
-        clip_dir, t5_dir = build_tokenizers(cfg.run_dir, cfg.seed)
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # the main process writes them; the others then read them
+            clip_dir, t5_dir = build_tokenizers(cfg.run_dir, cfg.seed)
         self.clip_tok = transformers.AutoTokenizer.from_pretrained(str(clip_dir))
         self.t5_tok = transformers.AutoTokenizer.from_pretrained(str(t5_dir))
         bos, eos, pad = clip_special_ids(self.clip_tok)

@@ -310,5 +310,6 @@ def train_lora(cfg: LoraTrainConfig, resume: bool = True, max_minutes: float | N
     start = time.time()
     summary = fit(build, settings, asdict(cfg), LORA_RESUME_KEYS, resume=resume, max_minutes=max_minutes,
                   device=device)
-    print(f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {summary['step']}, {time.time() - start:.0f} s)")
+    if summary["main"]:
+        print(f"wrote {out / 'pytorch_lora_weights.safetensors'} (step {summary['step']}, {time.time() - start:.0f} s)")
     return out / "pytorch_lora_weights.safetensors"

@@ -193,7 +193,8 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
     if export_only:
         if main:
             write_export()
-        return {"step": step, "finished": step >= s.steps, "loss": history[-1][1] if history else None}
+        return {"step": step, "finished": step >= s.steps, "loss": history[-1][1] if history else None,
+                "processes": world, "main": main}
 
     share = s.batch_size // world
     mine = range(rank * share, (rank + 1) * share)  # this process's rows of every global batch
@@ -249,7 +250,7 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
         samples()
     acc.wait_for_everyone()
     return {"step": step, "finished": not stopped_early, "loss": history[-1][1] if history else None,
-            "processes": world}
+            "processes": world, "main": main}
 
 
 def export(task, module, folder: str | os.PathLike) -> Path:
