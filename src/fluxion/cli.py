@@ -323,6 +323,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .train.config import load_config
+    from .train.trainer import train
+
+    cfg = load_config(args.config, args.set + ([f"method={args.method}"] if args.method else []))
+    if cfg.kind != "distill":
+        raise ValueError(f"{args.config}: a distillation config has kind 'distill', got {cfg.kind!r}")
+    train(cfg, resume=not args.fresh, max_minutes=args.max_minutes, export_only=args.export_only)
+    return 0
+
+
 def cmd_train_controlnet(args) -> int:
     from .train.controlnet import load_controlnet_config, train_controlnet
 
@@ -498,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     tc.add_argument("--export-only", action="store_true", help="export the last checkpoint's net, do not train")
     tc.set_defaults(func=cmd_train_controlnet)
+
+    di = sub.add_parser("distill", help="distil a FLUX model from a YAML config (kind: distill): --method guidance "
+                                        "makes a dev-style student (one forward a step instead of true CFG's two)")
+    di.add_argument("config")
+    di.add_argument("--method", choices=["guidance"], default=None, help="override the config's method")
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    di.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    di.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    di.add_argument("--export-only", action="store_true", help="export the last checkpoint's student, do not train")
+    di.set_defaults(func=cmd_distill)
 
     lo = sub.add_parser("train-lora", help="DreamBooth-style LoRA training on a folder of images")
     lo.add_argument("--model", default=None, help="base model folder (default: fluxion-mini)")

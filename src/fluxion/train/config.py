@@ -24,7 +24,7 @@ def check_numbers(cfg, positive=(), non_negative=(), at_least_one=(), finite=())
 
 @dataclass
 class TrainConfig:
-    kind: str  # "autoencoder" | "flux" | "controlnet" (ControlNetTrainConfig)
+    kind: str  # "autoencoder" | "flux" | "controlnet" (ControlNetTrainConfig) | "distill" (DistillConfig)
     output: str  # run folder: checkpoint, logs, samples, export
     seed: int = 0
     steps: int = 1000
@@ -118,6 +118,8 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     cls = TrainConfig
     if raw.get("kind") == "controlnet":  # its own fields (base model, net size, edge thresholds)
         from .controlnet import ControlNetTrainConfig as cls
+    elif raw.get("kind") == "distill":  # its own fields (teacher, method, guidance range)
+        from .distill import DistillConfig as cls
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:

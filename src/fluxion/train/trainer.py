@@ -306,7 +306,7 @@ def save_image_atomic(image, path: Path) -> None:
 
 
 def make_task(cfg, device: torch.device | str = "cpu"):
-    """The task a `fluxion train` config names (kind: flux, autoencoder or controlnet)."""
+    """The task a `fluxion train` config names (kind: flux, autoencoder, controlnet or distill)."""
     if cfg.kind == "autoencoder":
         from .autoencoder import AutoencoderTask
 
@@ -315,6 +315,10 @@ def make_task(cfg, device: torch.device | str = "cpu"):
         from .controlnet import ControlNetTask
 
         return ControlNetTask(cfg, device)
+    if cfg.kind == "distill":
+        from .distill import GuidanceDistillTask
+
+        return GuidanceDistillTask(cfg, device)
     from .flux import FluxTask
 
     return FluxTask(cfg, device)
@@ -322,7 +326,8 @@ def make_task(cfg, device: torch.device | str = "cpu"):
 
 # settings a resumed run must share with the saved one: the models' shapes and the data each step draws
 RESUME_KEYS = ("kind", "seed", "batch_size", "autoencoder", "transformer", "t5", "clip", "max_sequence_length",
-               "vae_path", "vae_init", "decoder_only", "base_model", "controlnet", "canny_low", "canny_high")
+               "vae_path", "vae_init", "decoder_only", "base_model", "controlnet", "canny_low", "canny_high",
+               "teacher", "method")
 
 
 def train(cfg, resume: bool = True, max_minutes: float | None = None, export_only: bool = False) -> dict:
