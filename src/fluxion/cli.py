@@ -352,8 +352,15 @@ def cmd_train_lora(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.run import run_eval
+    from .eval.run import parse_steps, run_eval, run_steps_sweep
 
+    if args.steps_sweep is not None:
+        if args.steps is not None or args.quantize or args.cache:
+            raise ValueError("--steps-sweep sets the steps itself; it takes --guidance and --true-cfg, not --steps, "
+                             "--quantize or --cache")
+        run_steps_sweep(args.model, parse_steps(args.steps_sweep), out_dir=args.out, limit=args.limit,
+                        guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
+        return 0
     run_eval(args.model, out_dir=args.out, limit=args.limit, steps=args.steps, guidance=args.guidance,
              cache=args.cache, cache_threshold=args.cache_threshold, quantize=args.quantize, true_cfg=args.true_cfg)
     return 0
@@ -577,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_arguments(e)
     e.add_argument("--quantize", choices=QUANTIZE_AT_LOAD, default=None, help="quantize the transformer at load")
     e.add_argument("--true-cfg", dest="true_cfg", type=float, default=None, help="true CFG scale (default: the model's)")
+    e.add_argument("--steps-sweep", dest="steps_sweep", default=None, metavar="1,2,4,8,28",
+                   help="accuracy per kind and seconds per image at each of these step counts, one table")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="time fluxion: per step, per image at batch 1/4/16, step caching, peak RSS")

@@ -75,3 +75,54 @@ def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | N
           f"batched eval: {summary['seconds_per_image_batched']:.3f} s/image; {torch.get_num_threads()} threads")
     print(f"contact sheet: {out / 'contact_sheet.png'}")
     return summary
+
+
+def parse_steps(text: str) -> list[int]:
+    """"1,2,4,8,28" -> [1, 2, 4, 8, 28]; one clear error for anything else."""
+    try:
+        steps = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        steps = []
+    if not steps or any(s < 1 for s in steps):
+        raise ValueError(f"--steps-sweep takes whole step counts >= 1 separated by commas (e.g. 1,2,4,8,28), "
+                         f"got {text!r}")
+    return steps
+
+
+def run_steps_sweep(model: str | None, steps: list[int], out_dir: str = "out/eval", limit: int | None = None,
+                    **settings) -> dict:
+    """Accuracy per kind and seconds per image at each step count, one table (`fluxion eval --steps-sweep`):
+    how far a model's quality holds as the steps fall (a distilled model should hold at 1-4)."""
+    from ..pipelines import FluxPipeline
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an integer >= 1 (the number of prompts to evaluate), got {limit!r}")
+    pipe = FluxPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    items = eval_set()[:limit] if limit is not None else eval_set()
+    rows = []
+    for n in steps:
+        call = {"num_inference_steps": n, **{k: v for k, v in settings.items() if v is not None}}
+        t0 = time.perf_counter()
+        images = generate_items(pipe, items, **call)
+        seconds = (time.perf_counter() - t0) / len(items)
+        acc = accuracy_table([(it, score(im, it.prompt)) for it, im in zip(items, images)])
+        rows.append({"steps": n, "accuracy": acc, "seconds_per_image_batched": seconds,
+                     "seconds_single_image": time_single_image(pipe, "a red circle on a white background", repeats=3,
+                                                               **call)})
+    kinds = list(rows[0]["accuracy"])
+    lines = ["| steps | " + " | ".join(kinds) + " | s/image (batched) | s/image (alone) |",
+             "|---:|" + "---:|" * (len(kinds) + 2)]
+    for r in rows:
+        lines.append(f"| {r['steps']} | " + " | ".join(f"{100 * r['accuracy'][k]:.1f}%" for k in kinds)
+                     + f" | {r['seconds_per_image_batched']:.3f} | {r['seconds_single_image']:.3f} |")
+    table = "\n".join(lines)
+    summary = {"model": pipe.model_path, "items": len(items), "settings": settings, "sweep": rows,
+               "torch_threads": torch.get_num_threads()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "steps_sweep.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    print(table)
+    print(f"\n{len(items)} prompts; {torch.get_num_threads()} threads; {out / 'steps_sweep.json'}")
+    return summary
