@@ -518,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     tc.set_defaults(func=cmd_train_controlnet)
 
     di = sub.add_parser("distill", help="distil a FLUX model from a YAML config (kind: distill): --method guidance "
-                                        "makes a dev-style student (one forward a step instead of true CFG's two)")
+                                        "makes a dev-style student (one forward a step instead of true CFG's two); "
+                                        "--method reflow a few-step, CFG-free one from cached teacher pairs")
     di.add_argument("config")
-    di.add_argument("--method", choices=["guidance"], default=None, help="override the config's method")
+    di.add_argument("--method", choices=["guidance", "reflow"], default=None, help="override the config's method")
     di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     di.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     di.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")

@@ -186,15 +186,18 @@ def euler(
 
 def sample_sigmas(n: int, method: str = "logit_normal", generator: torch.Generator | None = None,
                   logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
-    """Noise levels in (0, 1) drawn by density: uniform, logit-normal (SD3's default) or 'mode'."""
+    """Noise levels in (0, 1) drawn by density: uniform, logit-normal (SD3's default), 'mode' or 'u_shaped'."""
     if method == "uniform":
         return torch.rand(n, generator=generator)
     if method == "logit_normal":
         return torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
+    if method == "u_shaped":  # density ∝ cosh(4 (t - 1/2)) (Rectified Flow++): most weight near both ends
+        u = torch.rand(n, generator=generator)
+        return 0.5 + torch.asinh((2 * u - 1) * math.sinh(2.0)) / 4.0
     if method == "mode":
         u = torch.rand(n, generator=generator)
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    raise ValueError(f"unknown timestep sampling {method!r}: use uniform, logit_normal or mode")
+    raise ValueError(f"unknown timestep sampling {method!r}: use uniform, logit_normal, mode or u_shaped")
 
 
 def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from ..model.transformer import FluxConfig, FluxTransformer
 from .autoencoder import grid, images_to_tensor
 from .config import TrainConfig, check_numbers
 
-METHODS = ("guidance",)
+METHODS = ("guidance", "reflow")
 
 
 @dataclass
@@ -42,6 +42,12 @@ class DistillConfig(TrainConfig):
     teacher: str = "models/fluxion-mini"  # the FLUX folder distilled
     guidance_range: tuple[float, float] = (1.0, 6.0)  # w drawn uniformly per row
     sample_guidance: float | None = None  # w of the sample grids; None: the teacher's true_cfg_scale
+    # reflow (fluxion.train.reflow)
+    pairs: str | None = None  # the teacher-pair cache folder; None: <output>/pairs
+    num_pairs: int = 50_000
+    pair_batch: int = 64  # pairs per teacher call while generating
+    huber_c: float = 0.03  # pseudo-Huber loss: sqrt(mse + c^2) - c per row (Rectified Flow++)
+    student_steps: int = 4  # the exported student's default steps (schnell-style: no CFG)
 
     def __post_init__(self):
         if self.kind != "distill":
@@ -61,6 +67,11 @@ class DistillConfig(TrainConfig):
         self.guidance_range = (low, high)
         if self.sample_guidance is not None:
             check_numbers(self, finite=("sample_guidance",))
+        check_numbers(self, positive=("huber_c",), at_least_one=("num_pairs", "pair_batch", "student_steps"))
+
+    @property
+    def pairs_dir(self) -> Path:
+        return Path(self.pairs) if self.pairs else self.run_dir / "pairs"
 
 
 def student_from_teacher(teacher: FluxTransformer) -> FluxTransformer:

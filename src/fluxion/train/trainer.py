@@ -315,6 +315,10 @@ def make_task(cfg, device: torch.device | str = "cpu"):
         from .controlnet import ControlNetTask
 
         return ControlNetTask(cfg, device)
+    if cfg.kind == "distill" and cfg.method == "reflow":
+        from .reflow import ReflowTask
+
+        return ReflowTask(cfg, device)
     if cfg.kind == "distill":
         from .distill import GuidanceDistillTask
 
@@ -327,7 +331,7 @@ def make_task(cfg, device: torch.device | str = "cpu"):
 # settings a resumed run must share with the saved one: the models' shapes and the data each step draws
 RESUME_KEYS = ("kind", "seed", "batch_size", "autoencoder", "transformer", "t5", "clip", "max_sequence_length",
                "vae_path", "vae_init", "decoder_only", "base_model", "controlnet", "canny_low", "canny_high",
-               "teacher", "method")
+               "teacher", "method", "num_pairs", "pairs")
 
 
 def train(cfg, resume: bool = True, max_minutes: float | None = None, export_only: bool = False) -> dict:
