@@ -200,16 +200,12 @@ def edges_to_images(pipe, edges: list[Image.Image], prompts: list[str], seed: in
 
 class ControlNetTask(nn.Module):
     def __init__(self, cfg: ControlNetTrainConfig, device: torch.device | str = "cpu"):
-        from ..pipelines import FluxPipeline
+        from .distill import frozen_pipeline
 
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
-        pipe = FluxPipeline.from_pretrained(cfg.base_model)
-        pipe.set_progress_bar_config(disable=True)
-        for m in (pipe.transformer, pipe.vae, pipe.clip.model, pipe.t5.model):
-            m.requires_grad_(False).eval()
-        self.pipe = pipe.to(self.device)
+        self.pipe = pipe = frozen_pipeline(cfg.base_model, self.device)
         self.transformer, self.vae = pipe.transformer, pipe.vae  # frozen: the trainer saves only what learns
         self.side = pipe.defaults.sample_size * pipe.vae_scale_factor
         self.net = controlnet_from_transformer(self.transformer, *cfg.net_depths).to(self.device)

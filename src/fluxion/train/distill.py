@@ -87,18 +87,40 @@ def student_from_teacher(teacher: FluxTransformer) -> FluxTransformer:
     return student.float()
 
 
+def frozen_pipeline(path: str | Path, device: torch.device | str):
+    """A FLUX folder's pipeline with every part frozen (eval mode, no gradients): a teacher, or a base model."""
+    from ..pipelines import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.transformer, pipe.vae, pipe.clip.model, pipe.t5.model):
+        m.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+def export_student(teacher: str | Path, student: FluxTransformer, folder: Path, defaults: dict, about: dict) -> None:
+    """The teacher's folder with the student transformer (diffusers layout), `defaults` merged into its
+    `_fluxion_defaults` and `about` recorded as `_fluxion_distilled`."""
+    from ..checkpoints.diffusers import save_diffusers_part, transformer_diffusers_config, transformer_to_diffusers
+
+    folder = Path(folder)
+    for part in Path(teacher).iterdir():
+        if part.name != "transformer":
+            (shutil.copytree if part.is_dir() else shutil.copy2)(part, folder / part.name)
+    save_diffusers_part(transformer_to_diffusers(student.state_dict(), student.config),
+                        transformer_diffusers_config(student.config), folder / "transformer")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_fluxion_defaults"] = {**index.get("_fluxion_defaults", {}), **defaults}
+    index["_fluxion_distilled"] = {**about, "teacher": str(teacher)}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 class GuidanceDistillTask(nn.Module):
     def __init__(self, cfg: DistillConfig, device: torch.device | str = "cpu"):
-        from ..pipelines import FluxPipeline
-
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
-        pipe = FluxPipeline.from_pretrained(cfg.teacher)
-        pipe.set_progress_bar_config(disable=True)
-        for m in (pipe.transformer, pipe.vae, pipe.clip.model, pipe.t5.model):
-            m.requires_grad_(False).eval()
-        self.pipe = pipe.to(self.device)
+        self.pipe = pipe = frozen_pipeline(cfg.teacher, self.device)
         self.teacher, self.vae = pipe.transformer, pipe.vae  # frozen: the trainer saves only what learns
         self.student = student_from_teacher(self.teacher).to(self.device)
         self.side = pipe.defaults.sample_size * pipe.vae_scale_factor
@@ -173,18 +195,6 @@ class GuidanceDistillTask(nn.Module):
         return grid(teacher + images, columns=len(prompts))
 
     def export(self, student: FluxTransformer, folder: Path) -> None:
-        """The teacher's folder with the student transformer (diffusers layout) and dev-style defaults."""
-        from ..checkpoints.diffusers import save_diffusers_part, transformer_diffusers_config, transformer_to_diffusers
-
-        folder = Path(folder)
-        teacher = Path(self.cfg.teacher)
-        for part in teacher.iterdir():
-            if part.name != "transformer":
-                (shutil.copytree if part.is_dir() else shutil.copy2)(part, folder / part.name)
-        save_diffusers_part(transformer_to_diffusers(student.state_dict(), student.config),
-                            transformer_diffusers_config(student.config), folder / "transformer")
-        index = json.loads((folder / "model_index.json").read_text())
-        index["_fluxion_defaults"] = {**index.get("_fluxion_defaults", {}), **self.dev_defaults()}
-        index["_fluxion_distilled"] = {"method": "guidance", "teacher": str(self.cfg.teacher),
-                                       "guidance_range": list(self.cfg.guidance_range)}
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        """The teacher's folder with the student transformer and dev-style defaults."""
+        export_student(self.cfg.teacher, student, folder, self.dev_defaults(),
+                       {"method": "guidance", "guidance_range": list(self.cfg.guidance_range)})

@@ -13,8 +13,6 @@ initialised from the teacher).
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from torch import nn
 from ..data.pairs import generate_pairs, load_pairs
 from ..flow import image_ids, noised, sample_sigmas, velocity_target
 from .autoencoder import grid
-from .distill import DistillConfig
+from .distill import DistillConfig, export_student, frozen_pipeline
 
 
 def pseudo_huber_per_row(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
@@ -36,16 +34,10 @@ class ReflowTask(nn.Module):
     def __init__(self, cfg: DistillConfig, device: torch.device | str = "cpu"):
         from accelerate import PartialState
 
-        from ..pipelines import FluxPipeline
-
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
-        pipe = FluxPipeline.from_pretrained(cfg.teacher)
-        pipe.set_progress_bar_config(disable=True)
-        for m in (pipe.transformer, pipe.vae, pipe.clip.model, pipe.t5.model):
-            m.requires_grad_(False).eval()
-        self.pipe = pipe.to(self.device)
+        self.pipe = pipe = frozen_pipeline(cfg.teacher, self.device)
         with PartialState().main_process_first():  # the main process makes the pairs; the others find them made
             generate_pairs(pipe, cfg.pairs_dir, cfg.num_pairs, seed=cfg.seed, batch=cfg.pair_batch)
         self.noise, self.sample, self.prompts = load_pairs(cfg.pairs_dir, cfg.num_pairs)
@@ -94,16 +86,5 @@ class ReflowTask(nn.Module):
 
     def export(self, student: nn.Module, folder: Path) -> None:
         """The teacher's folder with the student transformer and schnell-style defaults."""
-        from ..checkpoints.diffusers import save_diffusers_part, transformer_diffusers_config, transformer_to_diffusers
-
-        folder = Path(folder)
-        for part in Path(self.cfg.teacher).iterdir():
-            if part.name != "transformer":
-                (shutil.copytree if part.is_dir() else shutil.copy2)(part, folder / part.name)
-        save_diffusers_part(transformer_to_diffusers(student.state_dict(), student.config),
-                            transformer_diffusers_config(student.config), folder / "transformer")
-        index = json.loads((folder / "model_index.json").read_text())
-        index["_fluxion_defaults"] = {**index.get("_fluxion_defaults", {}), **self.student_defaults()}
-        index["_fluxion_distilled"] = {"method": "reflow", "teacher": str(self.cfg.teacher),
-                                       "num_pairs": self.cfg.num_pairs}
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        export_student(self.cfg.teacher, student, folder, self.student_defaults(),
+                       {"method": "reflow", "num_pairs": self.cfg.num_pairs})
