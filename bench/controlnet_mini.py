@@ -34,7 +34,7 @@ from fluxion.eval.scorer import score
 from fluxion.model.controlnet import FluxControlNetModel
 from fluxion.pipelines import default_model_dir
 from fluxion.pipelines.controlnet import FluxControlNetPipeline
-from fluxion.train.autoencoder import grid
+from fluxion.images import grid
 from fluxion.train.controlnet import edge_maps, edges_to_images, heldout_examples
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -335,10 +335,11 @@ def cmd_distill(args) -> int:
 
 
 def cmd_train_controlnet(args) -> int:
-    from .train.controlnet import load_controlnet_config, train_controlnet
+    from .train.config import load_controlnet_config
+    from .train.trainer import train
 
-    train_controlnet(load_controlnet_config(args.config, args.set), resume=not args.fresh,
-                     max_minutes=args.max_minutes, export_only=args.export_only)
+    train(load_controlnet_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
+          export_only=args.export_only)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Reading images as people hand them over: any PIL mode to the RGB it shows, and a named error for a bad file.
+"""Reading images as people hand them over: any PIL mode to the RGB it shows, and a named error for a bad file;
+and the conversions trainers use (uint8 batches to tensors and back, a grid of samples).
 
 PIL's own `convert("RGB")` is right for palette, grey, grey+alpha, RGBA (alpha dropped, as diffusers'
 `load_image` does) and CMYK, but clips 16- and 32-bit integer images (a 16-bit grey of 76/255 becomes white)
@@ -10,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit PNGs open as I;16 or I, values 0..65535
@@ -39,3 +41,22 @@ def load_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
         raise ValueError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{what} {path}: not a readable image ({e})") from None
+
+
+def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (converted on `device`: a quarter of the bytes travel)."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def grid(images: list[Image.Image], columns: int) -> Image.Image:
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    out = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % columns) * w, (i // columns) * h))
+    return out

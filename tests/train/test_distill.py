@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fluxion.train.distill import DistillConfig, GuidanceDistillTask, student_from_teacher
+from fluxion.train.config import DistillConfig
+from fluxion.train.distill import GuidanceDistillTask, student_from_teacher
 from fluxion.train.trainer import step_generator, train
 
 MINI = Path(__file__).parents[2] / "models" / "fluxion-mini"

@@ -10,7 +10,7 @@ import torch
 
 from fluxion.data import pairs as P
 from fluxion.flow import sample_sigmas
-from fluxion.train.distill import DistillConfig
+from fluxion.train.config import DistillConfig
 from fluxion.train.trainer import step_generator, train
 
 MINI = Path(__file__).parents[2] / "models" / "fluxion-mini"

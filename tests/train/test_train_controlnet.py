@@ -9,10 +9,9 @@ from fluxion.data.shapes import TRAIN_PAIRS
 from fluxion.model.controlnet import FluxControlNetModel
 from fluxion.pipelines import FluxPipeline, default_model_dir
 from fluxion.pipelines.controlnet import FluxControlNetPipeline
-from fluxion.train.controlnet import (ControlNetTrainConfig, controlnet_from_transformer, edge_maps,
-                                      edges_to_images, heldout_examples, load_controlnet_config, recolour,
-                                      train_controlnet)
-from fluxion.train.trainer import CHECKPOINT
+from fluxion.train.config import ControlNetTrainConfig, load_controlnet_config
+from fluxion.train.controlnet import controlnet_from_transformer, edge_maps, edges_to_images, heldout_examples, recolour
+from fluxion.train.trainer import CHECKPOINT, train
 from fluxion.train.state import load_checkpoint
 
 MINI = default_model_dir()
@@ -54,13 +53,13 @@ def test_a_fresh_net_copies_the_first_blocks_and_adds_nothing(mini):
 
 def test_train_resume_export_and_the_net_changes_the_image(tmp_path, mini):
     whole = cfg_for(tmp_path, "whole", export=str(tmp_path / "whole" / "net"))
-    summary = train_controlnet(whole)
+    summary = train(whole)
     assert summary["finished"] and np.isfinite(summary["loss"])
     assert (tmp_path / "whole" / CHECKPOINT).is_file() and (tmp_path / "whole" / "loss.png").is_file()
     # interrupted after step 2, then resumed: bit-identical to the uninterrupted run (net, EMA, optimizer)
-    train_controlnet(cfg_for(tmp_path, "split", steps=2))
+    train(cfg_for(tmp_path, "split", steps=2))
     assert load_checkpoint(tmp_path / "split" / CHECKPOINT)["info"]["step"] == 2
-    train_controlnet(cfg_for(tmp_path, "split", steps=4))
+    train(cfg_for(tmp_path, "split", steps=4))
     a, b = load_checkpoint(tmp_path / "whole" / CHECKPOINT), load_checkpoint(tmp_path / "split" / CHECKPOINT)
     assert a["info"]["step"] == b["info"]["step"] == 4
     for part in ("model", "ema", "optimizer"):
@@ -73,7 +72,7 @@ def test_train_resume_export_and_the_net_changes_the_image(tmp_path, mini):
     # resuming with another net size is refused by name, before the folder changes
     saved = (tmp_path / "split" / "config.json").read_text()
     with pytest.raises(ValueError, match="cannot resume: controlnet was"):
-        train_controlnet(cfg_for(tmp_path, "split", steps=6, controlnet={"depth": 2}))
+        train(cfg_for(tmp_path, "split", steps=6, controlnet={"depth": 2}))
     assert (tmp_path / "split" / "config.json").read_text() == saved
 
     # the export: a diffusers ControlNet folder that from_pretrained loads, equal to the EMA weights

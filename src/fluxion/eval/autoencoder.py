@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.shapes import BACKGROUNDS, COLORS
-from ..train.autoencoder import images_to_tensor
+from ..images import images_to_tensor
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -12,26 +11,8 @@ from ..checkpoints.diffusers import autoencoder_diffusers_config, autoencoder_to
 from ..data.loader import BatchSource
 from ..data.shapes import CANVAS, make_batch
 from ..model.autoencoder import AutoEncoder, AutoEncoderConfig
+from ..images import grid, images_to_tensor, tensor_to_images
 from .config import TrainConfig
-
-
-def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (converted on `device`: a quarter of the bytes travel)."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    out = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        out.paste(im, ((i % columns) * w, (i // columns) * h))
-    return out
 
 
 class AutoencoderTask(torch.nn.Module):

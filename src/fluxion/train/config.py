@@ -115,13 +115,103 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
         if not sep:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
         raw[key.strip()] = _parse_value(value)
-    cls = TrainConfig
-    if raw.get("kind") == "controlnet":  # its own fields (base model, net size, edge thresholds)
-        from .controlnet import ControlNetTrainConfig as cls
-    elif raw.get("kind") == "distill":  # its own fields (teacher, method, guidance range)
-        from .distill import DistillConfig as cls
+    cls = {"controlnet": ControlNetTrainConfig, "distill": DistillConfig}.get(raw.get("kind"), TrainConfig)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
     return cls(**raw)
+
+
+# ------------------------------------------------------------------ kinds with their own settings
+
+
+@dataclass
+class ControlNetTrainConfig(TrainConfig):
+    """TrainConfig with `kind: controlnet`, plus the base model, the net's size and the edge thresholds. The
+    trainer's own settings (lr, steps, EMA, device, ...) mean what they mean for every other kind."""
+
+    base_model: str = "models/fluxion-mini"  # the frozen FLUX folder the net is made for
+    controlnet: dict = field(default_factory=dict)  # depth (double blocks, default 2), depth_single_blocks (0)
+    canny_low: float = 50
+    canny_high: float = 200
+    guidance: float = 3.5  # fed to a dev-style base model's guidance embedder (fluxion-mini has none)
+
+    def __post_init__(self):
+        if self.kind != "controlnet":
+            raise ValueError(f"a ControlNet config has kind 'controlnet', got {self.kind!r}")
+        unknown = sorted(set(self.controlnet) - {"depth", "depth_single_blocks"})
+        if unknown:
+            raise ValueError(f"controlnet: unknown keys {unknown}; known: ['depth', 'depth_single_blocks']")
+        if self.vae_path is None:  # the base model's own VAE (the trainer's flux checks want one named)
+            self.vae_path = str(Path(self.base_model) / "vae")
+        self.kind = "flux"  # the shared checks, as for a flux run
+        try:
+            super().__post_init__()
+        finally:
+            self.kind = "controlnet"
+        self.canny_low, self.canny_high = float(self.canny_low), float(self.canny_high)
+        check_numbers(self, non_negative=("canny_low", "canny_high"), finite=("guidance",))
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
+        depth, single = self.net_depths
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"controlnet.depth must be a whole number >= 1, got {depth!r}")
+        if isinstance(single, bool) or not isinstance(single, int) or single < 0:
+            raise ValueError(f"controlnet.depth_single_blocks must be a whole number >= 0, got {single!r}")
+
+    @property
+    def net_depths(self) -> tuple[int, int]:
+        return self.controlnet.get("depth", 2), self.controlnet.get("depth_single_blocks", 0)
+
+
+def load_controlnet_config(path: str, overrides: list[str] | None = None) -> ControlNetTrainConfig:
+    """A `kind: controlnet` YAML config, with `--set key=value` overrides (`fluxion.train.config.load_config`)."""
+    cfg = load_config(path, overrides)
+    if not isinstance(cfg, ControlNetTrainConfig):
+        raise ValueError(f"{path}: a ControlNet config has kind 'controlnet', got {cfg.kind!r}")
+    return cfg
+
+
+METHODS = ("guidance", "reflow")  # distillation methods: fluxion.train.distill, fluxion.train.reflow
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """TrainConfig with `kind: distill`, plus the teacher and the method's settings; the trainer's own settings
+    (lr, steps, EMA, ...) mean what they mean for every other kind."""
+
+    method: str = "guidance"
+    teacher: str = "models/fluxion-mini"  # the FLUX folder distilled
+    guidance_range: tuple[float, float] = (1.0, 6.0)  # w drawn uniformly per row
+    sample_guidance: float | None = None  # w of the sample grids; None: the teacher's true_cfg_scale
+    # reflow (fluxion.train.reflow)
+    pairs: str | None = None  # the teacher-pair cache folder; None: <output>/pairs
+    num_pairs: int = 50_000
+    pair_batch: int = 64  # pairs per teacher call while generating
+    huber_c: float = 0.03  # pseudo-Huber loss: sqrt(mse + c^2) - c per row (Rectified Flow++)
+    student_steps: int = 4  # the exported student's default steps (schnell-style: no CFG)
+
+    def __post_init__(self):
+        if self.kind != "distill":
+            raise ValueError(f"a distillation config has kind 'distill', got {self.kind!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.vae_path is None:
+            self.vae_path = str(Path(self.teacher) / "vae")
+        self.kind = "flux"  # the shared checks, as for a flux run
+        try:
+            super().__post_init__()
+        finally:
+            self.kind = "distill"
+        low, high = (float(v) for v in self.guidance_range)
+        if not (0 <= low <= high) or high != high:
+            raise ValueError(f"guidance_range must be [low, high] with 0 <= low <= high, got {self.guidance_range!r}")
+        self.guidance_range = (low, high)
+        if self.sample_guidance is not None:
+            check_numbers(self, finite=("sample_guidance",))
+        check_numbers(self, positive=("huber_c",), at_least_one=("num_pairs", "pair_batch", "student_steps"))
+
+    @property
+    def pairs_dir(self) -> Path:
+        return Path(self.pairs) if self.pairs else self.run_dir / "pairs"

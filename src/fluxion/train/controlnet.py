@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,59 +32,10 @@ from ..data.loader import BatchSource
 from ..data.shapes import CANVAS, COLORS, TRAIN_PAIRS, Scene, caption, render, sample_scene
 from ..flow import flow_loss_per_row, image_ids, noised, pack, sample_sigmas, velocity_target
 from ..model.controlnet import FluxControlNetConfig, FluxControlNetModel
-from .autoencoder import grid, images_to_tensor
-from .config import TrainConfig, check_numbers
+from ..images import grid, images_to_tensor
+from .config import ControlNetTrainConfig
 
 BENCH_STREAM = 7_777_777  # held-out scenes: rng([seed, BENCH_STREAM, i]); training draws rng([seed, step, i])
-
-
-@dataclass
-class ControlNetTrainConfig(TrainConfig):
-    """TrainConfig with `kind: controlnet`, plus the base model, the net's size and the edge thresholds. The
-    trainer's own settings (lr, steps, EMA, device, ...) mean what they mean for every other kind."""
-
-    base_model: str = "models/fluxion-mini"  # the frozen FLUX folder the net is made for
-    controlnet: dict = field(default_factory=dict)  # depth (double blocks, default 2), depth_single_blocks (0)
-    canny_low: float = 50
-    canny_high: float = 200
-    guidance: float = 3.5  # fed to a dev-style base model's guidance embedder (fluxion-mini has none)
-
-    def __post_init__(self):
-        if self.kind != "controlnet":
-            raise ValueError(f"a ControlNet config has kind 'controlnet', got {self.kind!r}")
-        unknown = sorted(set(self.controlnet) - {"depth", "depth_single_blocks"})
-        if unknown:
-            raise ValueError(f"controlnet: unknown keys {unknown}; known: ['depth', 'depth_single_blocks']")
-        if self.vae_path is None:  # the base model's own VAE (the trainer's flux checks want one named)
-            self.vae_path = str(Path(self.base_model) / "vae")
-        self.kind = "flux"  # the shared checks, as for a flux run
-        try:
-            super().__post_init__()
-        finally:
-            self.kind = "controlnet"
-        self.canny_low, self.canny_high = float(self.canny_low), float(self.canny_high)
-        check_numbers(self, non_negative=("canny_low", "canny_high"), finite=("guidance",))
-        if self.canny_low > self.canny_high:
-            raise ValueError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
-        depth, single = self.net_depths
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"controlnet.depth must be a whole number >= 1, got {depth!r}")
-        if isinstance(single, bool) or not isinstance(single, int) or single < 0:
-            raise ValueError(f"controlnet.depth_single_blocks must be a whole number >= 0, got {single!r}")
-
-    @property
-    def net_depths(self) -> tuple[int, int]:
-        return self.controlnet.get("depth", 2), self.controlnet.get("depth_single_blocks", 0)
-
-
-def load_controlnet_config(path: str, overrides: list[str] | None = None) -> ControlNetTrainConfig:
-    """A `kind: controlnet` YAML config, with `--set key=value` overrides (`fluxion.train.config.load_config`)."""
-    from .config import load_config
-
-    cfg = load_config(path, overrides)
-    if not isinstance(cfg, ControlNetTrainConfig):
-        raise ValueError(f"{path}: a ControlNet config has kind 'controlnet', got {cfg.kind!r}")
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------------ the net
@@ -280,15 +230,5 @@ class ControlNetTask(nn.Module):
              "canny_high": self.cfg.canny_high, "size": self.side}, indent=2) + "\n")
 
 
-def train_controlnet(cfg: ControlNetTrainConfig, resume: bool = True, max_minutes: float | None = None,
-                     export_only: bool = False) -> dict:
-    """The one trainer on the ControlNet task (it refuses, by name, to resume a run made for another base model,
-    net size or edge thresholds: `trainer.RESUME_KEYS`)."""
-    from .trainer import train
-
-    return train(cfg, resume=resume, max_minutes=max_minutes, export_only=export_only)
-
-
-__all__ = ["ControlNetTrainConfig", "ControlNetTask", "load_controlnet_config", "train_controlnet",
-           "controlnet_from_transformer", "save_controlnet", "recolour", "heldout_examples", "edge_maps",
+__all__ = ["ControlNetTask", "controlnet_from_transformer", "save_controlnet", "recolour", "heldout_examples", "edge_maps",
            "edges_to_images"]

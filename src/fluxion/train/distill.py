@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,52 +26,8 @@ from torch import nn
 from ..data.loader import BatchSource
 from ..flow import flow_loss_per_row, image_ids, noised, pack, sample_sigmas
 from ..model.transformer import FluxConfig, FluxTransformer
-from .autoencoder import grid, images_to_tensor
-from .config import TrainConfig, check_numbers
-
-METHODS = ("guidance", "reflow")
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    """TrainConfig with `kind: distill`, plus the teacher and the method's settings; the trainer's own settings
-    (lr, steps, EMA, ...) mean what they mean for every other kind."""
-
-    method: str = "guidance"
-    teacher: str = "models/fluxion-mini"  # the FLUX folder distilled
-    guidance_range: tuple[float, float] = (1.0, 6.0)  # w drawn uniformly per row
-    sample_guidance: float | None = None  # w of the sample grids; None: the teacher's true_cfg_scale
-    # reflow (fluxion.train.reflow)
-    pairs: str | None = None  # the teacher-pair cache folder; None: <output>/pairs
-    num_pairs: int = 50_000
-    pair_batch: int = 64  # pairs per teacher call while generating
-    huber_c: float = 0.03  # pseudo-Huber loss: sqrt(mse + c^2) - c per row (Rectified Flow++)
-    student_steps: int = 4  # the exported student's default steps (schnell-style: no CFG)
-
-    def __post_init__(self):
-        if self.kind != "distill":
-            raise ValueError(f"a distillation config has kind 'distill', got {self.kind!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.vae_path is None:
-            self.vae_path = str(Path(self.teacher) / "vae")
-        self.kind = "flux"  # the shared checks, as for a flux run
-        try:
-            super().__post_init__()
-        finally:
-            self.kind = "distill"
-        low, high = (float(v) for v in self.guidance_range)
-        if not (0 <= low <= high) or high != high:
-            raise ValueError(f"guidance_range must be [low, high] with 0 <= low <= high, got {self.guidance_range!r}")
-        self.guidance_range = (low, high)
-        if self.sample_guidance is not None:
-            check_numbers(self, finite=("sample_guidance",))
-        check_numbers(self, positive=("huber_c",), at_least_one=("num_pairs", "pair_batch", "student_steps"))
-
-    @property
-    def pairs_dir(self) -> Path:
-        return Path(self.pairs) if self.pairs else self.run_dir / "pairs"
-
+from ..images import grid, images_to_tensor
+from .config import DistillConfig
 
 def student_from_teacher(teacher: FluxTransformer) -> FluxTransformer:
     """The teacher's transformer with FLUX.1-dev's guidance embedder added, its output layer zero: the student

@@ -19,7 +19,7 @@ from ..model.text_encoders import CLIPEmbedder, T5Embedder
 from ..model.transformer import FluxConfig, FluxTransformer
 from ..pipelines import FluxPipeline, PipelineDefaults
 from ..flow import SCHNELL_SCHEDULE, flow_loss_per_row, image_ids, noised, pack, sample_sigmas, text_ids, velocity_target
-from .autoencoder import grid, images_to_tensor
+from ..images import grid, images_to_tensor
 from .config import TrainConfig
 
 SCHEDULER_CONFIG = {  # schnell-style: no resolution shift (the mini model works at one size)

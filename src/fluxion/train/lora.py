@@ -34,7 +34,7 @@ from ..files import inside, read_text
 from ..images import load_image
 from ..lora import DEFAULT_TARGETS, add_trainable_adapter, enable_lora, save_lora_adapter
 from ..flow import flow_loss_per_row, image_ids, latent_grid, noised, pack, sample_sigmas, text_ids, velocity_target
-from .autoencoder import grid
+from ..images import grid
 from .config import check_numbers
 from .trainer import save_image_atomic
 

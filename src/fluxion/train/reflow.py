@@ -20,8 +20,9 @@ from torch import nn
 
 from ..data.pairs import generate_pairs, load_pairs
 from ..flow import image_ids, noised, sample_sigmas, velocity_target
-from .autoencoder import grid
-from .distill import DistillConfig, export_student, frozen_pipeline
+from ..images import grid
+from .config import DistillConfig
+from .distill import export_student, frozen_pipeline
 
 
 def pseudo_huber_per_row(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
