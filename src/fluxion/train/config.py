@@ -67,12 +67,12 @@ class TrainConfig:
     export: str | None = None  # where to write the diffusers-layout model at the end
 
     def __post_init__(self):
-        if self.kind not in ("autoencoder", "flux"):
+        if type(self) is TrainConfig and self.kind not in ("autoencoder", "flux"):  # subclasses check their own
             raise ValueError(f"config kind must be 'autoencoder' or 'flux', got {self.kind!r}")
         if self.decoder_only and not self.vae_init:
             raise ValueError("decoder_only needs vae_init: the trained autoencoder whose decoder to go on training")
-        if self.kind == "flux" and not self.vae_path:
-            raise ValueError("a flux config needs vae_path: the trained autoencoder to encode images with")
+        if self.kind != "autoencoder" and not self.vae_path:
+            raise ValueError(f"a {self.kind} config needs vae_path: the trained autoencoder to encode images with")
         if not (self.bf16 in (True, False) or isinstance(self.bf16, str) and self.bf16.lower() == "auto"):
             raise ValueError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         self.betas = tuple(self.betas)
@@ -143,13 +143,9 @@ class ControlNetTrainConfig(TrainConfig):
         unknown = sorted(set(self.controlnet) - {"depth", "depth_single_blocks"})
         if unknown:
             raise ValueError(f"controlnet: unknown keys {unknown}; known: ['depth', 'depth_single_blocks']")
-        if self.vae_path is None:  # the base model's own VAE (the trainer's flux checks want one named)
+        if self.vae_path is None:  # the base model's own VAE
             self.vae_path = str(Path(self.base_model) / "vae")
-        self.kind = "flux"  # the shared checks, as for a flux run
-        try:
-            super().__post_init__()
-        finally:
-            self.kind = "controlnet"
+        super().__post_init__()
         self.canny_low, self.canny_high = float(self.canny_low), float(self.canny_high)
         check_numbers(self, non_negative=("canny_low", "canny_high"), finite=("guidance",))
         if self.canny_low > self.canny_high:
@@ -199,11 +195,7 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if self.vae_path is None:
             self.vae_path = str(Path(self.teacher) / "vae")
-        self.kind = "flux"  # the shared checks, as for a flux run
-        try:
-            super().__post_init__()
-        finally:
-            self.kind = "distill"
+        super().__post_init__()
         low, high = (float(v) for v in self.guidance_range)
         if not (0 <= low <= high) or high != high:
             raise ValueError(f"guidance_range must be [low, high] with 0 <= low <= high, got {self.guidance_range!r}")
