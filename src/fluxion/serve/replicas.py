@@ -129,7 +129,7 @@ def _raised(e: BaseException) -> tuple:
     """The `("raised", kind, payload)` message for an exception: pickled when it survives a round trip."""
     if isinstance(e, _AllCancelled):
         return ("raised", "all_cancelled", None)
-    try:
+    try:  # between the server and the replica it spawned (the pipe pickles every message anyway); no file is read
         data = pickle.dumps(e)
         pickle.loads(data)
         return ("raised", "pickled", data)
