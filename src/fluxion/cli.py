@@ -355,6 +355,15 @@ def cmd_train_lora(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import parse_steps, run_eval, run_steps_sweep
 
+    if args.probe is not None:
+        from .eval.probe import run_probe
+
+        if args.steps_sweep is not None or args.quantize or args.cache or args.limit is not None:
+            raise ValueError("--probe generates its own prompts; it takes --steps, --guidance and --true-cfg, not "
+                             "--steps-sweep, --limit, --quantize or --cache")
+        run_probe(args.probe, args.model, out_dir=args.out, bases=args.probe_bases, seeds=args.probe_seeds,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
+        return 0
     if args.steps_sweep is not None:
         if args.steps is not None or args.quantize or args.cache:
             raise ValueError("--steps-sweep sets the steps itself; it takes --guidance and --true-cfg, not --steps, "
@@ -588,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--true-cfg", dest="true_cfg", type=float, default=None, help="true CFG scale (default: the model's)")
     e.add_argument("--steps-sweep", dest="steps_sweep", default=None, metavar="1,2,4,8,28",
                    help="accuracy per kind and seconds per image at each of these step counts, one table")
+    e.add_argument("--probe", choices=("relations", "counts"), default=None,
+                   help="swap only the relation (or count) word at fixed seeds: does the layout follow the word?")
+    e.add_argument("--probe-bases", dest="probe_bases", type=int, default=8, help="colour-shape choices per probe")
+    e.add_argument("--probe-seeds", dest="probe_seeds", type=int, default=5, help="seeds per colour-shape choice")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="time fluxion: per step, per image at batch 1/4/16, step caching, peak RSS")
