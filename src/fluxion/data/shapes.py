@@ -260,6 +260,43 @@ def parse_caption(text: str) -> Spec:
     raise ValueError(f"cannot parse caption: {text!r}")
 
 
+# Where each object of a relation caption stands, by the caption's words alone: the text encoder's role targets.
+WORD_ROLES: tuple[str, ...] = ("other", "left", "right", "top", "bottom")
+_SIDES = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+          "below": ("bottom", "top")}
+
+
+def word_roles(text: str) -> list[int]:
+    """One index into WORD_ROLES per whitespace word of ``text``: the colour and shape words of a relation
+    caption's two objects get their object's side ("a red circle left of a blue square": red, circle -> left;
+    blue, square -> right); every other word, and every word of other captions, is "other".
+
+    A text encoder whose outputs carry these roles tells the transformer which object goes where; one trained
+    only through the denoising loss can stay a bag of words, in which "A left of B" and "B left of A" are the
+    same caption (issue #20's diagnosis, `bench/caption_swap_loss.py`)."""
+    words = text.lower().split()
+    roles = [0] * len(words)
+    try:
+        spec = parse_caption(text)
+    except ValueError:
+        return roles
+    if spec.kind != "relation":
+        return roles
+    phrases = sorted(((w.split(), rel) for rel, ws in _RELATION_WORDS.items() for w in ws), key=lambda p: -len(p[0]))
+    for start in range(len(words)):
+        hit = next(((ph, rel) for ph, rel in phrases if words[start : start + len(ph)] == ph), None)
+        if hit is not None:
+            break
+    else:
+        return roles
+    first, second = _SIDES[hit[1]]
+    named = set(COLORS) | set(SHAPES)
+    for i, w in enumerate(words):
+        if w in named:
+            roles[i] = WORD_ROLES.index(first if i < start else second)
+    return roles
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

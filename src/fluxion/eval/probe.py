@@ -106,7 +106,7 @@ def summarize(items: list[ProbeItem], observed: list[str | None]) -> dict:
 
 def format_summary(kind: str, s: dict) -> str:
     return "\n".join([
-        f"| probe | images | both colours found | follows the word | swaps | layout changes | swap follows (target >= 80%) |",
+        "| probe | images | both colours found | follows the word | swaps | layout changes | swap follows (target >= 80%) |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| {kind} | {s['images']} | {100 * s['found']:.1f}% | {100 * s['follows']:.1f}% | {s['swaps']} | "
         f"{100 * s['changes']:.1f}% | {100 * s['swap_follows']:.1f}% |",

@@ -65,6 +65,8 @@ class TrainConfig:
     sample_cfg: float = 1.0
     defaults: dict = field(default_factory=dict)  # `_fluxion_defaults` written into the exported model_index.json
     export: str | None = None  # where to write the diffusers-layout model at the end
+    init_from: str | None = None  # a trained model folder to start the transformer and text encoders from
+    text_role_weight: float = 0.0  # weight of the text encoder's word-role loss (fluxion.data.shapes.word_roles)
 
     def __post_init__(self):
         if type(self) is TrainConfig and self.kind not in ("autoencoder", "flux"):  # subclasses check their own
@@ -80,10 +82,13 @@ class TrainConfig:
         self.kl_weight = float(self.kl_weight)
         check_numbers(self, positive=("lr", "grad_clip", "logit_std"),
                       non_negative=("weight_decay", "warmup_steps", "decay_steps", "sample_every", "data_workers",
-                                    "kl_weight", "ema_decay"),
+                                    "kl_weight", "ema_decay", "text_role_weight"),
                       at_least_one=("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "max_sequence_length",
                                     "sample_steps"),
                       finite=("logit_mean", "sample_cfg"))
+        if self.init_from is not None and not (Path(self.init_from) / "transformer").is_dir():
+            raise ValueError(f"init_from must be a trained model folder (diffusers layout, with transformer/), got "
+                             f"{self.init_from!r}")
         if self.threads is not None:
             check_numbers(self, at_least_one=("threads",))
         if not 0 <= self.caption_dropout < 1 or not self.ema_decay < 1:

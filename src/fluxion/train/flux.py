@@ -13,7 +13,7 @@ from torch import nn
 from ..checkpoints import load_autoencoder
 from ..checkpoints.diffusers import save_diffusers_part, transformer_diffusers_config, transformer_to_diffusers
 from ..data.loader import BatchSource
-from ..data.shapes import caption, sample_scene
+from ..data.shapes import WORD_ROLES, caption, sample_scene, word_roles
 from ..data.tokenizers import build_clip_tokenizer, build_word_t5_tokenizer, clip_special_ids
 from ..model.text_encoders import CLIPEmbedder, T5Embedder
 from ..model.transformer import FluxConfig, FluxTransformer
@@ -43,9 +43,15 @@ def caption_corpus(seed: int, n: int = 4000) -> list[str]:
     return out
 
 
-def build_tokenizers(run_dir: Path, seed: int) -> tuple[Path, Path]:
+def build_tokenizers(run_dir: Path, seed: int, init_from: str | None = None) -> tuple[Path, Path]:
+    """The run's tokenizers: built from the training captions, or copied from `init_from`'s model folder (its
+    text encoders' vocabulary must be the one they were trained on)."""
     clip_dir, t5_dir = run_dir / "tokenizer", run_dir / "tokenizer_2"
     if not (clip_dir / "tokenizer_config.json").is_file() or not (t5_dir / "tokenizer_config.json").is_file():
+        if init_from is not None:
+            shutil.copytree(Path(init_from) / "tokenizer", clip_dir, dirs_exist_ok=True)
+            shutil.copytree(Path(init_from) / "tokenizer_2", t5_dir, dirs_exist_ok=True)
+            return clip_dir, t5_dir
         corpus = caption_corpus(seed)
         words = sorted({w for c in corpus for w in c.lower().split() if w.isalpha()})
         build_clip_tokenizer(clip_dir, words=words)
@@ -66,7 +72,7 @@ class FluxTask(nn.Module):
         from accelerate import PartialState
 
         with PartialState().main_process_first():  # the main process writes them; the others then read them
-            clip_dir, t5_dir = build_tokenizers(cfg.run_dir, cfg.seed)
+            clip_dir, t5_dir = build_tokenizers(cfg.run_dir, cfg.seed, cfg.init_from)
         self.clip_tok = transformers.AutoTokenizer.from_pretrained(str(clip_dir))
         self.t5_tok = transformers.AutoTokenizer.from_pretrained(str(t5_dir))
         bos, eos, pad = clip_special_ids(self.clip_tok)
@@ -95,6 +101,10 @@ class FluxTask(nn.Module):
             "clip": transformers.CLIPTextModel(clip_cfg),
         })
         init_transformer_(self.model["transformer"])
+        if cfg.init_from is not None:
+            load_trained_(self.model, cfg.init_from)
+        # The text-role head reads the T5 outputs; it trains the encoder and is not part of the model (not exported)
+        self.role_head = nn.Linear(t5_cfg.d_model, len(WORD_ROLES)) if cfg.text_role_weight > 0 else None
         self.device = torch.device(device)
         self.model.to(self.device)
         self.vae = vae.to(self.device)  # frozen: the trainer saves and averages only what learns
@@ -120,7 +130,22 @@ class FluxTask(nn.Module):
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         noise = torch.randn((len(captions), *self.tokens), generator=generator)  # on the CPU: same on any device
         sigma = sample_sigmas(len(captions), cfg.timestep_sampling, generator, cfg.logit_mean, cfg.logit_std)
-        return {"images": images, "captions": captions, "noise": noise, "sigma": sigma}
+        rows = {"images": images, "captions": captions, "noise": noise, "sigma": sigma}
+        if self.role_head is not None:
+            rows["roles"] = self.role_targets(captions)
+        return rows
+
+    def role_targets(self, captions: list[str]) -> torch.Tensor:
+        """[B, max_sequence_length] WORD_ROLES index of each T5 token's word; -100 (ignored) on the end-of-text
+        and padding tokens, and on every token of a dropped (empty) caption."""
+        enc = self.t5_tok(captions, padding="max_length", max_length=self.cfg.max_sequence_length, truncation=True)
+        out = torch.full((len(captions), self.cfg.max_sequence_length), -100, dtype=torch.long)
+        for i, text in enumerate(captions):
+            roles = word_roles(text)
+            for j, w in enumerate(enc.word_ids(i)):
+                if w is not None:
+                    out[i, j] = roles[w]
+        return out
 
     def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
@@ -128,7 +153,13 @@ class FluxTask(nn.Module):
         noise, sigma = rows["noise"].to(self.device), rows["sigma"].to(self.device)
         txt, pooled = self.encode_text(self.model, rows["captions"])
         pred = self.model["transformer"](noised(x0, noise, sigma), self.img_ids, txt, self.txt_ids, sigma, pooled)
-        return flow_loss_per_row(pred, velocity_target(x0, noise), sigma, self.cfg.loss_weighting), {}
+        loss = flow_loss_per_row(pred, velocity_target(x0, noise), sigma, self.cfg.loss_weighting)
+        if self.role_head is None:
+            return loss, {}
+        targets = rows["roles"].to(self.device)
+        ce = nn.functional.cross_entropy(self.role_head(txt.float()).transpose(1, 2), targets, reduction="none")
+        role = ce.sum(1) / (targets >= 0).sum(1).clamp(min=1)  # mean over each caption's words; 0 when dropped
+        return loss + self.cfg.text_role_weight * role, {"role_loss": float(role.detach().mean())}
 
     def pipeline(self, model: nn.ModuleDict) -> FluxPipeline:
         defaults = PipelineDefaults(**{"sample_size": 128 // self.vae.downsample_factor,
@@ -177,6 +208,25 @@ class FluxTask(nn.Module):
                                   "max_sequence_length": self.cfg.max_sequence_length, **self.cfg.defaults},
         }
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_trained_(model: nn.ModuleDict, folder: str) -> None:
+    """Start from a trained model folder (diffusers layout, e.g. models/fluxion-mini): its transformer and both
+    text encoders, which must have the shapes this config builds; one error names every mismatch."""
+    from ..pipelines import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    trained = {"transformer": pipe.transformer, "t5": pipe.t5.model, "clip": pipe.clip.model}
+    bad = []
+    for name, src in trained.items():
+        want = model[name].state_dict()
+        got = src.state_dict()
+        bad += [f"{name}.{k}" for k in want if k not in got or got[k].shape != want[k].shape]
+    if bad:
+        raise ValueError(f"init_from {folder}: the config's shapes differ from the trained model's at {len(bad)} "
+                         f"tensors (first: {', '.join(bad[:3])}); set transformer/t5/clip as the model was trained")
+    for name, src in trained.items():
+        model[name].load_state_dict(src.state_dict(), strict=True)
 
 
 def init_transformer_(model: FluxTransformer) -> None:
