@@ -100,3 +100,11 @@ def test_init_from_with_other_shapes_names_them(tmp_path, tiny_vae):  # noqa: F8
         make_task(wider)
     with pytest.raises(ValueError, match="init_from must be a trained model folder"):
         TrainConfig(kind="flux", output="x", vae_path="v", init_from=str(tmp_path))
+
+
+def test_ema_of_tied_text_embeddings_checkpoints_and_resumes(tmp_path, tiny_vae):  # noqa: F811
+    """T5's shared embedding is also its encoder's embed_tokens: the EMA copy must save it once and load it back."""
+    train(flux_config(tmp_path, tiny_vae, steps=3, ema_decay=0.9))
+    state = load_checkpoint(tmp_path / "flux" / CHECKPOINT)
+    assert "t5.shared.weight" in state["ema"] and "t5.encoder.embed_tokens.weight" not in state["ema"]
+    assert train(flux_config(tmp_path, tiny_vae, steps=5, ema_decay=0.9))["step"] == 5

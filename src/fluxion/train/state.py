@@ -107,7 +107,18 @@ class EMA:
         torch._foreach_lerp_(ours, theirs, 1 - d)  # one fused call: a GPU would otherwise launch one per tensor
 
     def state_dict(self) -> dict:
-        return self.model.state_dict()
+        """Each tensor once: tied weights (T5's shared embedding is also its encoder's embed_tokens) under their
+        first name, as safetensors requires."""
+        out, seen = {}, set()
+        for name, tensor in self.model.state_dict().items():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                out[name] = tensor
+        return out
 
     def load_state_dict(self, sd: dict) -> None:
-        self.model.load_state_dict(sd)
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        ours = self.state_dict()
+        if unexpected or any(name in ours for name in missing):  # only tied aliases may be absent
+            raise ValueError(f"EMA state does not fit the model: missing {[m for m in missing if m in ours][:3]}, "
+                             f"unexpected {unexpected[:3]}")
