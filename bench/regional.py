@@ -31,7 +31,7 @@ import torch
 from fluxion import FluxPipeline
 from fluxion.data.shapes import CANVAS
 from fluxion.eval.report import contact_sheet
-from fluxion.eval.scorer import _to_canvas, detect_objects, score
+from fluxion.eval.scorer import to_canvas, detect_objects, score
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "a red circle and a blue square on a white background"
@@ -55,7 +55,7 @@ def _inside(objs, side: str) -> bool:
 
 
 def judge(image) -> dict:
-    objs = detect_objects(_to_canvas(image))
+    objs = detect_objects(to_canvas(image))
     out = {f"{c} {s}": _inside([o for o in objs if o.color == c and o.shape == s], side) for _, c, s, side in REGIONS}
     out["both"] = all(out.values())
     out["colours"] = all(_inside([o for o in objs if o.color == c], side) for _, c, _, side in REGIONS)

@@ -9,11 +9,11 @@ import pytest
 from fluxion.cli import main
 from fluxion.data.shapes import RELATIONS, parse_caption, render, scene_from_spec
 from fluxion.eval.probe import observe, probe_items, summarize
-from fluxion.eval.scorer import _to_canvas, detect_objects
+from fluxion.eval.scorer import to_canvas, detect_objects
 
 
 def _observed(items, images):
-    return [observe(it, detect_objects(_to_canvas(im))) for it, im in zip(items, images)]
+    return [observe(it, detect_objects(to_canvas(im))) for it, im in zip(items, images)]
 
 
 def _renders(items, seed=0):

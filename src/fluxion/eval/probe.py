@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data.shapes import COUNT_WORDS, RELATIONS, TRAIN_PAIRS, Spec, format_spec
 from ..files import atomic_path
-from .scorer import DetectedObject, _to_canvas, detect_objects
+from .scorer import DetectedObject, to_canvas, detect_objects
 
 PROBES = ("relations", "counts")
 _BASE_RNG_SEED = 4242  # fixes which colour-shape pairs the probe asks for
@@ -125,7 +125,7 @@ def run_probe(kind: str, model: str | None = None, out_dir: str = "out/eval", ba
     pipe = FluxPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     images = generate_items(pipe, items, **{k: v for k, v in call_kwargs.items() if v is not None})
-    observed = [observe(it, detect_objects(_to_canvas(im))) for it, im in zip(items, images)]
+    observed = [observe(it, detect_objects(to_canvas(im))) for it, im in zip(items, images)]
     summary = summarize(items, observed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

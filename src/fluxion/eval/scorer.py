@@ -97,7 +97,7 @@ class ScoreResult:
 # ----------------------------------------------------------------------------- image -> objects
 
 
-def _to_canvas(image: Union[Image.Image, np.ndarray]) -> np.ndarray:
+def to_canvas(image: Union[Image.Image, np.ndarray]) -> np.ndarray:
     """uint8-range float32 array [128, 128, 3]."""
     if isinstance(image, np.ndarray):
         arr = image
@@ -294,7 +294,7 @@ def score(image: Union[Image.Image, np.ndarray], caption: str) -> ScoreResult:
         spec = parse_caption(caption)
     except ValueError as e:
         return ScoreResult(ok=False, spec=None, reason=str(e))
-    img = _to_canvas(image)
+    img = to_canvas(image)
     res = ScoreResult(ok=False, spec=spec, detected_background=classify_background(img))
     res.objects = detect_objects(img)
     _check(spec, res.objects, res)
