@@ -211,6 +211,7 @@ _SIZE_LOOKUP = {w: k for k, ws in _SIZE_WORDS.items() for w in ws}
 _BG_LOOKUP = {w: k for k, ws in _BG_WORDS.items() for w in ws}
 _COUNT_LOOKUP = {w: k for k, ws in _COUNT_VARIANTS.items() for w in ws}
 _REL_LOOKUP = {w: k for k, ws in _RELATION_WORDS.items() for w in ws}
+_REL_PHRASES = sorted(_REL_LOOKUP, key=len, reverse=True)  # longest first: "to the left of" before "left of"
 
 _BG_SUFFIX = re.compile(
     r"^(?P<rest>.*?)\s+(?:on|against)\s+(?:an?\s+)?(?P<bg>" + "|".join(_BG_LOOKUP) + r")(?:\s+background)?$"
@@ -225,7 +226,7 @@ _COUNT = re.compile(
 )
 # Longest relation phrases first so "to the left of" wins over "left of".
 _RELATION = re.compile(
-    r"^(?P<a>.+?)\s+(?P<rel>" + "|".join(sorted(_REL_LOOKUP, key=len, reverse=True)) + r")\s+(?P<b>.+)$"
+    r"^(?P<a>.+?)\s+(?P<rel>" + "|".join(_REL_PHRASES) + r")\s+(?P<b>.+)$"
 )
 
 
@@ -282,14 +283,13 @@ def word_roles(text: str) -> list[int]:
         return roles
     if spec.kind != "relation":
         return roles
-    phrases = sorted(((w.split(), rel) for rel, ws in _RELATION_WORDS.items() for w in ws), key=lambda p: -len(p[0]))
     for start in range(len(words)):
-        hit = next(((ph, rel) for ph, rel in phrases if words[start : start + len(ph)] == ph), None)
+        hit = next((p for p in _REL_PHRASES if words[start : start + len(p.split())] == p.split()), None)
         if hit is not None:
             break
     else:
         return roles
-    first, second = _SIDES[hit[1]]
+    first, second = _SIDES[_REL_LOOKUP[hit]]
     named = set(COLORS) | set(SHAPES)
     for i, w in enumerate(words):
         if w in named:

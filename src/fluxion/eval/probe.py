@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data.shapes import COUNT_WORDS, RELATIONS, TRAIN_PAIRS, Spec, format_spec
 from ..files import atomic_path
-from .scorer import DetectedObject, to_canvas, detect_objects
+from .scorer import DetectedObject, arrangement, detect_objects, to_canvas
 
 PROBES = ("relations", "counts")
 _BASE_RNG_SEED = 4242  # fixes which colour-shape pairs the probe asks for
@@ -70,17 +70,9 @@ def probe_items(kind: str, bases: int = 8, seeds: int = 5, background: str | Non
     return items
 
 
-def arrangement(a: DetectedObject, b: DetectedObject) -> str:
-    """Where `a` is relative to `b`, on the dominant axis of their centres (the scorer's rule)."""
-    dx, dy = b.cx - a.cx, b.cy - a.cy  # image y grows downwards
-    if abs(dx) >= abs(dy):
-        return "left of" if dx > 0 else "right of"
-    return "above" if dy > 0 else "below"
-
-
 def observe(item: ProbeItem, objects: list[DetectedObject]) -> str | None:
-    """What the image shows for the swapped word: an arrangement, a count ("0", "1", ...), or None when a relation's
-    two colours are not both there."""
+    """What the image shows for the swapped word: an arrangement (`scorer.arrangement`, the eval's rule), a count
+    ("0", "1", ...), or None when a relation's two colours are not both there or neither axis dominates."""
     if item.word in RELATIONS:
         found = [next((o for o in objects if o.color == c), None) for c in item.colors]  # objects: largest first
         return None if None in found else arrangement(found[0], found[1])

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageFilter
 
-from fluxion.data.shapes import BACKGROUNDS, CANVAS, COLORS, Spec, parse_caption
+from fluxion.data.shapes import BACKGROUNDS, CANVAS, COLORS, RELATIONS, Spec, parse_caption
 
 _PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
 _BG_NAMES: tuple[str, ...] = tuple(BACKGROUNDS)
@@ -230,18 +230,22 @@ def detect_objects(img: np.ndarray) -> list[DetectedObject]:
 # ----------------------------------------------------------------------------- checks
 
 
+def arrangement(a: DetectedObject, b: DetectedObject) -> Optional[str]:
+    """Where ``a`` is relative to ``b`` by bbox centres, on the dominant axis ("left of", "right of", "above",
+    "below"); None when neither axis dominates."""
+    dx, dy = b.cx - a.cx, b.cy - a.cy  # image y grows downwards
+    if abs(dx) > abs(dy):
+        return "left of" if dx > 0 else "right of"
+    if abs(dy) > abs(dx):
+        return "above" if dy > 0 else "below"
+    return None
+
+
 def relation_holds(a: DetectedObject, b: DetectedObject, relation: str) -> bool:
     """``a <relation> b`` by bbox centres: right direction on the dominant axis."""
-    dx, dy = b.cx - a.cx, b.cy - a.cy  # image y grows downwards
-    if relation == "left of":
-        return dx > 0 and abs(dx) > abs(dy)
-    if relation == "right of":
-        return dx < 0 and abs(dx) > abs(dy)
-    if relation == "above":
-        return dy > 0 and abs(dy) > abs(dx)
-    if relation == "below":
-        return dy < 0 and abs(dy) > abs(dx)
-    raise ValueError(f"unknown relation {relation!r}")
+    if relation not in RELATIONS:
+        raise ValueError(f"unknown relation {relation!r}")
+    return arrangement(a, b) == relation
 
 
 def _matches(o: DetectedObject, color: str, shape: str) -> bool:
