@@ -319,7 +319,7 @@ def cmd_train(args) -> int:
     from .train.trainer import train
 
     train(load_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
-          export_only=args.export_only)
+          export_only=args.export_only, until=args.until)
     return 0
 
 
@@ -330,7 +330,7 @@ def cmd_distill(args) -> int:
     cfg = load_config(args.config, args.set + ([f"method={args.method}"] if args.method else []))
     if cfg.kind != "distill":
         raise ValueError(f"{args.config}: a distillation config has kind 'distill', got {cfg.kind!r}")
-    train(cfg, resume=not args.fresh, max_minutes=args.max_minutes, export_only=args.export_only)
+    train(cfg, resume=not args.fresh, max_minutes=args.max_minutes, export_only=args.export_only, until=args.until)
     return 0
 
 
@@ -339,7 +339,7 @@ def cmd_train_controlnet(args) -> int:
     from .train.trainer import train
 
     train(load_controlnet_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
-          export_only=args.export_only)
+          export_only=args.export_only, until=args.until)
     return 0
 
 
@@ -515,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    t.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop (with a checkpoint) at this step; rerun with changed --set values to go on from it")
     t.add_argument("--export-only", action="store_true", help="export the last checkpoint's weights, do not train")
     t.set_defaults(func=cmd_train)
 
@@ -524,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     tc.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     tc.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    tc.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop (with a checkpoint) at this step; rerun with changed --set values to go on from it")
     tc.add_argument("--export-only", action="store_true", help="export the last checkpoint's net, do not train")
     tc.set_defaults(func=cmd_train_controlnet)
 
@@ -535,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     di.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     di.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    di.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop (with a checkpoint) at this step; rerun with changed --set values to go on from it")
     di.add_argument("--export-only", action="store_true", help="export the last checkpoint's student, do not train")
     di.set_defaults(func=cmd_distill)
 

@@ -59,12 +59,13 @@ def test_training_lowers_the_loss(tmp_path, tiny_vae, kind):
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_vae):
     full = flux_config(tmp_path / "a", tiny_vae, steps=6)
     train(full)
-    part = flux_config(tmp_path / "b", tiny_vae, steps=3)
-    train(part)
+    part = flux_config(tmp_path / "b", tiny_vae, steps=6, export=str(tmp_path / "b-export"))
+    stopped = train(part, until=3)  # `fluxion train --until 3`: a recipe's first phase
+    assert stopped["step"] == 3 and not stopped["finished"] and not (tmp_path / "b-export").exists()
     assert load_checkpoint(part.run_dir / CHECKPOINT)["info"]["step"] == 3
-    resumed = flux_config(tmp_path / "b", tiny_vae, steps=6)
+    resumed = flux_config(tmp_path / "b", tiny_vae, steps=6, export=str(tmp_path / "b-export"))
     summary = train(resumed)
-    assert summary["step"] == 6
+    assert summary["step"] == 6 and summary["finished"] and (tmp_path / "b-export").is_dir()
     a = load_checkpoint(full.run_dir / CHECKPOINT)
     b = load_checkpoint(resumed.run_dir / CHECKPOINT)
     for name, tensor in a["model"].items():
@@ -112,6 +113,9 @@ def test_bad_config_is_rejected_before_training(tmp_path):
         load_config(str(bad))
     with pytest.raises(ValueError, match="vae_path"):
         TrainConfig(kind="flux", output="x")
+    with pytest.raises(ValueError, match="until=0: the step to stop at must be a positive"):
+        train(ae_config(tmp_path, steps=2), until=0)
+    assert not (tmp_path / "ae").exists()
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_zero(tmp_path):

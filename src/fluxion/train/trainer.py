@@ -102,9 +102,10 @@ def accelerator_for(device: str = "cpu", unused_parameters: bool = False):
 
 def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str, ...], resume: bool = True,
         max_minutes: float | None = None, export_only: bool = False, threads: int | None = None,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", until: int | None = None) -> dict:
     """Run (or resume) `build_task(device)`'s training to settings.steps; returns a summary. Stops early,
-    checkpointed, after max_minutes; `export_only` writes the export from the last checkpoint without training."""
+    checkpointed, after max_minutes or at step `until` (a recipe in phases: change a setting from that step on);
+    `export_only` writes the export from the last checkpoint without training."""
     from accelerate.utils import DistributedType
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -117,6 +118,8 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=s.bf16)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     sharded = acc.distributed_type == DistributedType.FSDP
+    if until is not None and until < 1:
+        raise ValueError(f"until={until}: the step to stop at must be a positive step number")
     if s.batch_size % world:
         raise ValueError(f"batch_size {s.batch_size} does not split over {world} processes: use a multiple of "
                          f"{world} (every process takes an equal share of the global batch)")
@@ -203,7 +206,8 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
     bar = tqdm(total=s.steps, initial=step, desc=s.title, unit="step", dynamic_ncols=True, disable=not main)
     running, stopped_early = [], False
     model.train()
-    while step < s.steps:
+    end = s.steps if until is None else min(until, s.steps)
+    while step < end:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(s, step)
         t0 = time.time()
@@ -242,6 +246,7 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
                 break
     bar.close()
     checkpoint()
+    stopped_early = stopped_early or step < s.steps
     if not stopped_early:
         if main and s.export and not sharded:  # before the last samples: the weights matter if anything fails after
             write_export()
@@ -334,7 +339,8 @@ RESUME_KEYS = ("kind", "seed", "batch_size", "autoencoder", "transformer", "t5",
                "teacher", "method", "num_pairs", "pairs")
 
 
-def train(cfg, resume: bool = True, max_minutes: float | None = None, export_only: bool = False) -> dict:
+def train(cfg, resume: bool = True, max_minutes: float | None = None, export_only: bool = False,
+          until: int | None = None) -> dict:
     """`fluxion train CONFIG`: the task the config names, through `fit`."""
     from dataclasses import asdict
 
@@ -347,4 +353,4 @@ def train(cfg, resume: bool = True, max_minutes: float | None = None, export_onl
         log_every=cfg.log_every, seed=cfg.seed, bf16=bf16, export=cfg.export, title=f"train {cfg.kind}",
         unused_parameters=cfg.kind == "controlnet")
     return fit(lambda device: make_task(cfg, device), settings, asdict(cfg), RESUME_KEYS, resume=resume,
-               max_minutes=max_minutes, export_only=export_only, threads=cfg.threads, device=cfg.device)
+               max_minutes=max_minutes, export_only=export_only, threads=cfg.threads, device=cfg.device, until=until)
