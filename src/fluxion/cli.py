@@ -603,8 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--true-cfg", dest="true_cfg", type=float, default=None, help="true CFG scale (default: the model's)")
     e.add_argument("--steps-sweep", dest="steps_sweep", default=None, metavar="1,2,4,8,28",
                    help="accuracy per kind and seconds per image at each of these step counts, one table")
-    e.add_argument("--probe", choices=("relations", "counts"), default=None,
-                   help="swap only the relation (or count) word at fixed seeds: does the layout follow the word?")
+    e.add_argument("--probe", choices=("relations", "counts", "shapes"), default=None,
+                   help="swap only the relation (or count) word at fixed seeds: does the layout follow the word? "
+                        "shapes: trade the two objects' shape words: are shapes bound to their colours?")
     e.add_argument("--probe-bases", dest="probe_bases", type=int, default=8, help="colour-shape choices per probe")
     e.add_argument("--probe-seeds", dest="probe_seeds", type=int, default=5, help="seeds per colour-shape choice")
     e.set_defaults(func=cmd_eval)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fluxion.cli import main
-from fluxion.data.shapes import RELATIONS, parse_caption, render, scene_from_spec
+from fluxion.data.shapes import RELATIONS, TRAIN_PAIRS, parse_caption, render, scene_from_spec
 from fluxion.eval.probe import observe, probe_items, summarize
 from fluxion.eval.scorer import to_canvas, detect_objects
 
@@ -33,7 +33,28 @@ def test_groups_differ_only_in_the_swapped_word(kind, words):
         assert len({(s.relation, s.count) for s in specs}) == words  # every word once
 
 
-@pytest.mark.parametrize("kind", ["relations", "counts"])
+def test_shape_groups_trade_only_the_shape_words_between_training_pairs():
+    items = probe_items("shapes", bases=4, seeds=2)
+    assert len(items) == 4 * 2 * 2
+    for g in {it.group for it in items}:
+        a, b = [parse_caption(it.prompt) for it in items if it.group == g]
+        assert (a.colors, a.relation, a.background) == (b.colors, b.relation, b.background)
+        assert a.shapes == b.shapes[::-1] and a.shapes[0] != a.shapes[1]
+        assert all(pair in TRAIN_PAIRS for spec in (a, b) for pair in zip(spec.colors, spec.shapes))
+
+
+def test_a_bag_of_words_model_fails_the_shapes_probe():
+    """One picture for both orders of the shape words: what a model that does not bind shapes to colours draws."""
+    items = probe_items("shapes", bases=4, seeds=2)
+    first = {}
+    for it, im in zip(items, _renders(items)):
+        first.setdefault(it.group, im)
+    s = summarize(items, _observed(items, [first[it.group] for it in items]))
+    assert s["found"] == 1.0 and s["changes"] == 0.0 and s["swap_follows"] == 0.0
+    assert s["follows"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", ["relations", "counts", "shapes"])
 def test_pictures_drawn_from_the_words_follow_them(kind):
     items = probe_items(kind, bases=4, seeds=2)
     s = summarize(items, _observed(items, _renders(items)))
