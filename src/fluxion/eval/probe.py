@@ -136,7 +136,7 @@ def run_probe(kind: str, model: str | None = None, out_dir: str = "out/eval", ba
     summary = summarize(items, observed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_group = {"relations": len(RELATIONS), "counts": len(COUNT_WORDS), "shapes": 2}[kind]
+    per_group = sum(it.group == items[0].group for it in items)  # the words of one group, side by side
     labels = [f"{it.prompt} (seed {it.seed}) -> {o or 'not found'}" for it, o in zip(items, observed)]
     contact_sheet(images, labels, [o == it.word for it, o in zip(items, observed)], out / f"probe_{kind}.png",
                   columns=per_group * 2)

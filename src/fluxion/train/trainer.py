@@ -204,7 +204,7 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
     chunks = [(a, min(a + s.micro_batch, mine.stop)) for a in range(mine.start, mine.stop, s.micro_batch)]
     start = time.time()
     bar = tqdm(total=s.steps, initial=step, desc=s.title, unit="step", dynamic_ncols=True, disable=not main)
-    running, stopped_early = [], False
+    running = []
     model.train()
     end = s.steps if until is None else min(until, s.steps)
     while step < end:
@@ -242,19 +242,18 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
         if max_minutes is not None and step < s.steps:
             late = torch.tensor(float(time.time() - start > 60 * max_minutes), device=acc.device)
             if (acc.reduce(late, "max") if world > 1 else late).item():  # every process stops at the same step
-                stopped_early = True
                 break
     bar.close()
     checkpoint()
-    stopped_early = stopped_early or step < s.steps
-    if not stopped_early:
+    finished = step >= s.steps  # not stopped by max_minutes or `until`
+    if finished:
         if main and s.export and not sharded:  # before the last samples: the weights matter if anything fails after
             write_export()
         if sharded and main and s.export:
             print("FSDP run: write the export with `fluxion train CONFIG --export-only` (one process)")
         samples()
     acc.wait_for_everyone()
-    return {"step": step, "finished": not stopped_early, "loss": history[-1][1] if history else None,
+    return {"step": step, "finished": finished, "loss": history[-1][1] if history else None,
             "processes": world, "main": main}
 
 
