@@ -314,12 +314,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, exported: str) -> None:
+    """The options every config-driven training command shares (train, train-controlnet, distill)."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop (with a checkpoint) at this step; rerun with changed --set values to go on from it")
+    p.add_argument("--export-only", action="store_true", help=f"export the last checkpoint's {exported}, do not train")
+
+
+def _run_options(args) -> dict:
+    """`trainer.train`'s run options from `_add_run_arguments`' flags."""
+    return dict(resume=not args.fresh, max_minutes=args.max_minutes, export_only=args.export_only, until=args.until)
+
+
 def cmd_train(args) -> int:
     from .train.config import load_config
     from .train.trainer import train
 
-    train(load_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
-          export_only=args.export_only, until=args.until)
+    train(load_config(args.config, args.set), **_run_options(args))
     return 0
 
 
@@ -330,7 +344,7 @@ def cmd_distill(args) -> int:
     cfg = load_config(args.config, args.set + ([f"method={args.method}"] if args.method else []))
     if cfg.kind != "distill":
         raise ValueError(f"{args.config}: a distillation config has kind 'distill', got {cfg.kind!r}")
-    train(cfg, resume=not args.fresh, max_minutes=args.max_minutes, export_only=args.export_only, until=args.until)
+    train(cfg, **_run_options(args))
     return 0
 
 
@@ -338,8 +352,7 @@ def cmd_train_controlnet(args) -> int:
     from .train.config import load_controlnet_config
     from .train.trainer import train
 
-    train(load_controlnet_config(args.config, args.set), resume=not args.fresh, max_minutes=args.max_minutes,
-          export_only=args.export_only, until=args.until)
+    train(load_controlnet_config(args.config, args.set), **_run_options(args))
     return 0
 
 
@@ -512,23 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    t.add_argument("--until", type=int, default=None, metavar="STEP",
-                   help="stop (with a checkpoint) at this step; rerun with changed --set values to go on from it")
-    t.add_argument("--export-only", action="store_true", help="export the last checkpoint's weights, do not train")
+    _add_run_arguments(t, "weights")
     t.set_defaults(func=cmd_train)
 
     tc = sub.add_parser("train-controlnet", help="train a ControlNet for a FLUX model from a YAML config "
                                                   "(kind: controlnet; configs/mini-controlnet*.yaml)")
     tc.add_argument("config")
-    tc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    tc.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
-    tc.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    tc.add_argument("--until", type=int, default=None, metavar="STEP",
-                   help="stop (with a checkpoint) at this step; rerun with changed --set values to go on from it")
-    tc.add_argument("--export-only", action="store_true", help="export the last checkpoint's net, do not train")
+    _add_run_arguments(tc, "net")
     tc.set_defaults(func=cmd_train_controlnet)
 
     di = sub.add_parser("distill", help="distil a FLUX model from a YAML config (kind: distill): --method guidance "
@@ -536,12 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "--method reflow a few-step, CFG-free one from cached teacher pairs")
     di.add_argument("config")
     di.add_argument("--method", choices=["guidance", "reflow"], default=None, help="override the config's method")
-    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    di.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
-    di.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    di.add_argument("--until", type=int, default=None, metavar="STEP",
-                   help="stop (with a checkpoint) at this step; rerun with changed --set values to go on from it")
-    di.add_argument("--export-only", action="store_true", help="export the last checkpoint's student, do not train")
+    _add_run_arguments(di, "student")
     di.set_defaults(func=cmd_distill)
 
     lo = sub.add_parser("train-lora", help="DreamBooth-style LoRA training on a folder of images")
