@@ -86,12 +86,17 @@ def config(tmp_path, **kw) -> DistillConfig:
                                    max_sequence_length=20, timestep_sampling="u_shaped"), **kw})
 
 
+def test_a_student_shift_that_is_not_positive_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="student_shift must be a number > 0"):
+        config(tmp_path, student_shift=0.0)
+
+
 def test_reflow_lowers_its_loss_and_exports_a_schnell_style_student(tmp_path):
     from fluxion.train.reflow import ReflowTask
     from fluxion.train.state import load_checkpoint
     from fluxion.train.trainer import CHECKPOINT
 
-    cfg = config(tmp_path, steps=30, lr=5e-5, export=str(tmp_path / "student"))
+    cfg = config(tmp_path, steps=30, lr=5e-5, export=str(tmp_path / "student"), student_shift=3.0)
     task = ReflowTask(cfg)  # makes the 8 pairs (teacher defaults: 28 steps, true CFG 3)
 
     def fixed_loss() -> float:
@@ -110,6 +115,8 @@ def test_reflow_lowers_its_loss_and_exports_a_schnell_style_student(tmp_path):
     index = json.loads((tmp_path / "student" / "model_index.json").read_text())
     defaults = index["_fluxion_defaults"]
     assert (defaults["num_inference_steps"], defaults["true_cfg_scale"]) == (4, 1.0)
+    scheduler = json.loads((tmp_path / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["shift"], scheduler["use_dynamic_shifting"]) == (3.0, False)  # diffusers reads it too (below)
     import diffusers
 
     from fluxion import FluxPipeline

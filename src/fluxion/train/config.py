@@ -192,6 +192,7 @@ class DistillConfig(TrainConfig):
     pair_batch: int = 64  # pairs per teacher call while generating
     huber_c: float = 0.03  # pseudo-Huber loss: sqrt(mse + c^2) - c per row (Rectified Flow++)
     student_steps: int = 4  # the exported student's default steps (schnell-style: no CFG)
+    student_shift: float = 1.0  # the exported scheduler's shift: where those few steps fall (>1: more at high noise)
 
     def __post_init__(self):
         if self.kind != "distill":
@@ -207,7 +208,7 @@ class DistillConfig(TrainConfig):
         self.guidance_range = (low, high)
         if self.sample_guidance is not None:
             check_numbers(self, finite=("sample_guidance",))
-        check_numbers(self, positive=("huber_c",), at_least_one=("num_pairs", "pair_batch", "student_steps"))
+        check_numbers(self, positive=("huber_c", "student_shift"), at_least_one=("num_pairs", "pair_batch", "student_steps"))
 
     @property
     def pairs_dir(self) -> Path:

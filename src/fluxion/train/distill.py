@@ -53,9 +53,10 @@ def frozen_pipeline(path: str | Path, device: torch.device | str):
     return pipe.to(device)
 
 
-def export_student(teacher: str | Path, student: FluxTransformer, folder: Path, defaults: dict, about: dict) -> None:
+def export_student(teacher: str | Path, student: FluxTransformer, folder: Path, defaults: dict, about: dict,
+                   scheduler: dict | None = None) -> None:
     """The teacher's folder with the student transformer (diffusers layout), `defaults` merged into its
-    `_fluxion_defaults` and `about` recorded as `_fluxion_distilled`."""
+    `_fluxion_defaults`, `about` recorded as `_fluxion_distilled` and `scheduler` into its scheduler config."""
     from ..checkpoints.diffusers import save_diffusers_part, transformer_diffusers_config, transformer_to_diffusers
 
     folder = Path(folder)
@@ -68,6 +69,9 @@ def export_student(teacher: str | Path, student: FluxTransformer, folder: Path, 
     index["_fluxion_defaults"] = {**index.get("_fluxion_defaults", {}), **defaults}
     index["_fluxion_distilled"] = {**about, "teacher": str(teacher)}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if scheduler:
+        path = folder / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **scheduler}, indent=2) + "\n")
 
 
 class GuidanceDistillTask(nn.Module):

@@ -8,11 +8,12 @@ initialised from the teacher).
   s, input (1 - s) x + s z, target z - x (the same velocity convention as training); the student sees the prompt
   only, so the guidance the teacher's samples carry is distilled in, and true CFG is off at inference;
 - export: the teacher's folder with the student transformer and schnell-style defaults (`student_steps`, no
-  CFG), which `FluxPipeline.from_pretrained` and diffusers load.
+  CFG, the scheduler's `shift` set to `student_shift`), which `FluxPipeline.from_pretrained` and diffusers load.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -79,6 +80,7 @@ class ReflowTask(nn.Module):
         was = student.training
         student.eval()
         pipe = FluxPipeline.from_pipe(self.pipe, transformer=student)
+        pipe.schedule = dataclasses.replace(pipe.schedule, shift=self.cfg.student_shift)  # as exported
         pipe.set_progress_bar_config(disable=True)
         for n in sorted({1, 2, self.cfg.student_steps}):
             rows += pipe(prompts, generator=gens(), num_inference_steps=n, true_cfg_scale=1.0).images
@@ -86,6 +88,6 @@ class ReflowTask(nn.Module):
         return grid(rows, columns=len(prompts))
 
     def export(self, student: nn.Module, folder: Path) -> None:
-        """The teacher's folder with the student transformer and schnell-style defaults."""
+        """The teacher's folder with the student transformer, schnell-style defaults and the student's shift."""
         export_student(self.cfg.teacher, student, folder, self.student_defaults(),
-                       {"method": "reflow", "num_pairs": self.cfg.num_pairs})
+                       {"method": "reflow", "num_pairs": self.cfg.num_pairs}, {"shift": self.cfg.student_shift})
