@@ -1,9 +1,9 @@
 """Where should a few-step model's steps fall? Eval accuracy at N steps for several schedule shifts (#21).
 
-The schedule is diffusers' for a static shift s: sigmas linspace(1, 1/N, N) mapped to s*t / (1 + (s-1)*t), so a
-shift above 1 spends more of the N steps at high noise, where the layout is decided. The folder's own scheduler
-config is ignored here (each row passes its sigmas), so the sweep applies to any model; the chosen shift goes into
-the distillation config (`student_shift`), which writes it into the exported scheduler config.
+The schedule is diffusers' for a static shift s (`fluxion.flow.get_schedule`): sigmas linspace(1, 1/N, N) mapped
+to s*t / (1 + (s-1)*t), so a shift above 1 spends more of the N steps at high noise, where the layout is decided.
+Each row replaces the folder's own schedule with a static shift, so the sweep applies to any model; the chosen
+shift goes into the distillation config (`student_shift`), which writes it into the exported scheduler config.
 
     .venv/bin/python bench/few_step_shift.py --model runs/mini-distill-reflow/export [--steps 4] [--shifts 1,2,3,6]
 """
@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import sys
 
-import numpy as np
 import torch
 
 from fluxion import FluxPipeline
@@ -21,12 +20,7 @@ from fluxion.eval.prompts import eval_set
 from fluxion.eval.report import accuracy_table
 from fluxion.eval.run import generate_items
 from fluxion.eval.scorer import score
-
-
-def shifted_sigmas(steps: int, shift: float) -> list[float]:
-    """The `sigmas` argument that, under a shift of 1, gives the schedule of a static `shift`."""
-    t = np.linspace(1.0, 1.0 / steps, steps)
-    return (shift * t / (1 + (shift - 1) * t)).tolist()
+from fluxion.flow import get_schedule
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pipe = FluxPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    if pipe.schedule.use_dynamic_shifting or pipe.schedule.shift != 1.0:  # sigmas are shifted again by the folder's
-        pipe.schedule = dataclasses.replace(pipe.schedule, use_dynamic_shifting=False, shift=1.0)
+    tokens = (pipe.defaults.sample_size // 2) ** 2
     items = eval_set()
     rows = []
     for shift in (float(s) for s in args.shifts.split(",")):
-        sigmas = shifted_sigmas(args.steps, shift)
-        images = generate_items(pipe, items, num_inference_steps=args.steps, sigmas=sigmas)
+        pipe.schedule = dataclasses.replace(pipe.schedule, use_dynamic_shifting=False, shift=shift)
+        sigmas = get_schedule(args.steps, tokens, pipe.schedule)[:-1].tolist()  # what the pipeline will run
+        images = generate_items(pipe, items, num_inference_steps=args.steps)
         rows.append((shift, sigmas, accuracy_table([(it, score(im, it.prompt)) for it, im in zip(items, images)])))
     kinds = list(rows[0][2])
     print(f"{args.model}: {args.steps} steps, no CFG unless the folder says so, {len(items)} prompts\n")
