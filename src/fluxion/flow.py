@@ -184,6 +184,9 @@ def euler(
 # ---------------------------------------------------------------- training: noise levels, target, loss
 
 
+SIGMA_DENSITIES = ("uniform", "logit_normal", "mode", "u_shaped")
+
+
 def sample_sigmas(n: int, method: str = "logit_normal", generator: torch.Generator | None = None,
                   logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
     """Noise levels in (0, 1) drawn by density: uniform, logit-normal (SD3's default), 'mode' or 'u_shaped'."""
@@ -197,7 +200,7 @@ def sample_sigmas(n: int, method: str = "logit_normal", generator: torch.Generat
     if method == "mode":
         u = torch.rand(n, generator=generator)
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    raise ValueError(f"unknown timestep sampling {method!r}: use uniform, logit_normal, mode or u_shaped")
+    raise ValueError(f"unknown timestep sampling {method!r}: use {', '.join(SIGMA_DENSITIES)}")
 
 
 def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:

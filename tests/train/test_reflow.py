@@ -91,6 +91,44 @@ def test_a_student_shift_that_is_not_positive_is_refused(tmp_path):
         config(tmp_path, student_shift=0.0)
 
 
+def test_student_schedule_draws_only_the_levels_the_exported_student_samples_at(tmp_path):
+    from fluxion.train.reflow import ReflowTask
+
+    cfg = config(tmp_path, timestep_sampling="student_schedule", student_steps=4, student_shift=3.0, batch_size=64)
+    task = ReflowTask(cfg)
+    want = torch.tensor([1.0, 0.9, 0.75, 0.5])  # linspace(1, 1/4, 4) shifted by 3: 3t / (1 + 2t)
+    torch.testing.assert_close(task.levels, want)
+    sigma = task.batch(0, step_generator(0, 0))["sigma"]
+    assert set(sigma.tolist()) == set(want.tolist())  # each level drawn, nothing else (64 draws of 4)
+    assert not torch.equal(sigma, task.batch(1, step_generator(0, 1))["sigma"])  # a fresh draw per step
+
+
+def test_student_schedule_is_refused_for_guidance_distillation_and_unknown_densities_by_name(tmp_path):
+    with pytest.raises(ValueError, match="student_schedule .* is for method reflow"):
+        config(tmp_path, method="guidance", timestep_sampling="student_schedule")
+    with pytest.raises(ValueError, match="timestep_sampling must be one of .*u_shaped, student_schedule, got 'ushaped'"):
+        config(tmp_path, timestep_sampling="ushaped")
+
+
+def test_init_from_starts_the_student_from_an_earlier_student(tmp_path):
+    from fluxion import FluxPipeline
+    from fluxion.model.transformer import FluxTransformer
+    from fluxion.train.reflow import ReflowTask, student_start
+
+    schnell = MINI.parent / "fluxion-mini-schnell"
+    task = ReflowTask(config(tmp_path, init_from=str(schnell)))
+
+    earlier = FluxPipeline.from_pretrained(schnell).transformer.state_dict()
+    teacher = task.pipe.transformer.state_dict()
+    got = task.student.state_dict()
+    assert all(torch.equal(got[k], earlier[k]) for k in earlier)
+    assert any(not torch.equal(got[k], teacher[k]) for k in teacher)  # not the teacher's weights
+    other = FluxTransformer(type(task.pipe.transformer.config)(**{**task.pipe.transformer.config.to_dict(),
+                                                                   "depth": 1}))
+    with pytest.raises(ValueError, match="init_from .* differs from the teacher's at .* tensors"):
+        student_start(str(schnell), other)
+
+
 def test_reflow_lowers_its_loss_and_exports_a_schnell_style_student(tmp_path):
     from fluxion.train.reflow import ReflowTask
     from fluxion.train.state import load_checkpoint

@@ -173,8 +173,19 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = group_norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, c.out_ch, 3, padding=1)
+        # Activation layout: None = channels-last on a CPU, channels-first elsewhere. oneDNN's CPU convolutions
+        # work channels-last, so a channels-first input is reordered around every one of them; for a small
+        # decoder's few-channel convolutions that costs as much as the arithmetic (bench/decoder_layout.py,
+        # both CPU kinds). Weights keep their layout: the state dict is unchanged.
+        self.channels_last: bool | None = None
 
     def forward(self, z: Tensor) -> Tensor:
+        last = self.channels_last if self.channels_last is not None else z.device.type == "cpu"
+        if last:
+            return self._forward(z.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._forward(z)
+
+    def _forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             for block in level.block:

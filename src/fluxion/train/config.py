@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from ..files import read_text
+from ..flow import SIGMA_DENSITIES
 
 
 def check_numbers(cfg, positive=(), non_negative=(), at_least_one=(), finite=()) -> None:
@@ -86,6 +87,9 @@ class TrainConfig:
                       at_least_one=("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "max_sequence_length",
                                     "sample_steps"),
                       finite=("logit_mean", "sample_cfg"))
+        densities = SIGMA_DENSITIES + (("student_schedule",) if self.kind == "distill" else ())
+        if self.timestep_sampling not in densities:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(densities)}, got {self.timestep_sampling!r}")
         if self.init_from is not None and not (Path(self.init_from) / "transformer").is_dir():
             raise ValueError(f"init_from must be a trained model folder (diffusers layout, with transformer/), got "
                              f"{self.init_from!r}")
@@ -209,6 +213,9 @@ class DistillConfig(TrainConfig):
         if self.sample_guidance is not None:
             check_numbers(self, finite=("sample_guidance",))
         check_numbers(self, positive=("huber_c", "student_shift"), at_least_one=("num_pairs", "pair_batch", "student_steps"))
+        if self.timestep_sampling == "student_schedule" and self.method != "reflow":
+            raise ValueError("timestep_sampling student_schedule (the exported student's noise levels) is for method "
+                             f"reflow, got method {self.method!r}")
 
     @property
     def pairs_dir(self) -> Path:
