@@ -367,6 +367,13 @@ def cmd_train_lora(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval.run import parse_steps, run_eval, run_steps_sweep
+    from .pipelines.guidance import parse
+
+    if args.true_cfg_schedule is not None:
+        if args.true_cfg is not None:
+            raise ValueError("give --true-cfg (one scale) or --true-cfg-schedule (a scale over the steps), not both")
+        parse(args.true_cfg_schedule)  # a bad spec fails here, before the model loads
+        args.true_cfg = args.true_cfg_schedule  # the pipeline takes the spec as it is; results.json records it
 
     if args.probe is not None:
         from .eval.probe import run_probe
@@ -599,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_arguments(e)
     e.add_argument("--quantize", choices=QUANTIZE_AT_LOAD, default=None, help="quantize the transformer at load")
     e.add_argument("--true-cfg", dest="true_cfg", type=float, default=None, help="true CFG scale (default: the model's)")
+    e.add_argument("--true-cfg-schedule", dest="true_cfg_schedule", default=None, metavar="SPEC",
+                   help="true CFG scale over the steps, as `fluxion generate --true-cfg-schedule` (linear:3:1.5, ...)")
     e.add_argument("--steps-sweep", dest="steps_sweep", default=None, metavar="1,2,4,8,28",
                    help="accuracy per kind and seconds per image at each of these step counts, one table")
     e.add_argument("--probe", choices=("relations", "counts", "shapes"), default=None,
