@@ -129,6 +129,29 @@ def test_init_from_starts_the_student_from_an_earlier_student(tmp_path):
         student_start(str(schnell), other)
 
 
+def test_a_deeper_student_starts_as_its_start_point_and_then_learns_with_its_new_blocks(tmp_path):
+    from fluxion.flow import image_ids
+    from fluxion.train.reflow import ReflowTask, deepened
+
+    task = ReflowTask(config(tmp_path, student_single_blocks=6))
+    teacher, student = task.pipe.transformer, task.student
+    assert (teacher.config.depth_single_blocks, student.config.depth_single_blocks) == (4, 6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 64, generator=g)
+    txt, pooled, txt_ids = task.pipe.encode_prompt(["two red squares", "a blue circle"])
+    args = (x, image_ids(16, 16, "cpu"), txt, txt_ids, torch.tensor([0.9, 0.4]), pooled)
+    with torch.no_grad():
+        torch.testing.assert_close(student(*args), teacher(*args), rtol=0, atol=1e-5)  # zero gates: the same model
+    loss, _ = task(task.batch(0, step_generator(0, 0)))
+    loss.mean().backward()
+    new_gate = student.single_blocks[5].modulation.lin.weight.grad[2 * student.config.hidden_size:]
+    assert new_gate.abs().sum() > 0  # the new blocks' gates get gradient: they start to contribute
+    with pytest.raises(ValueError, match="student_single_blocks must be at least the start point's 4, got 3"):
+        deepened(teacher, 3)
+    with pytest.raises(ValueError, match="student_single_blocks .* is for method reflow"):
+        config(tmp_path, method="guidance", student_single_blocks=6)
+
+
 def test_reflow_lowers_its_loss_and_exports_a_schnell_style_student(tmp_path):
     from fluxion.train.reflow import ReflowTask
     from fluxion.train.state import load_checkpoint

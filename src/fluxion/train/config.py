@@ -197,6 +197,8 @@ class DistillConfig(TrainConfig):
     huber_c: float = 0.03  # pseudo-Huber loss: sqrt(mse + c^2) - c per row (Rectified Flow++)
     student_steps: int = 4  # the exported student's default steps (schnell-style: no CFG)
     student_shift: float = 1.0  # the exported scheduler's shift: where those few steps fall (>1: more at high noise)
+    student_single_blocks: int | None = None  # reflow: a deeper student (None: the teacher's count); the added
+    # single-stream blocks start with zero gates, so the student starts as its start point
 
     def __post_init__(self):
         if self.kind != "distill":
@@ -213,6 +215,10 @@ class DistillConfig(TrainConfig):
         if self.sample_guidance is not None:
             check_numbers(self, finite=("sample_guidance",))
         check_numbers(self, positive=("huber_c", "student_shift"), at_least_one=("num_pairs", "pair_batch", "student_steps"))
+        if self.student_single_blocks is not None:
+            check_numbers(self, at_least_one=("student_single_blocks",))
+            if self.method != "reflow":
+                raise ValueError(f"student_single_blocks (a deeper student) is for method reflow, got {self.method!r}")
         if self.timestep_sampling == "student_schedule" and self.method != "reflow":
             raise ValueError("timestep_sampling student_schedule (the exported student's noise levels) is for method "
                              f"reflow, got method {self.method!r}")

@@ -8,6 +8,8 @@ initialised from the teacher).
   straight lines between each pair's ends: at noise level s, input (1 - s) x + s z, target z - x (the same
   velocity convention as training); the student sees the prompt only, so the guidance the teacher's samples
   carry is distilled in, and true CFG is off at inference;
+- a deeper student (`student_single_blocks`): more single-stream blocks after the start point's, their gates zero so
+  the student starts as its start point; more capacity per step, at more cost per step;
 - noise levels: any of the trainer's densities (U-shaped in the recipe), or `student_schedule`: only the levels the
   exported student samples at (`student_steps` at `student_shift`), a second stage that spends the whole
   budget where a k-step sampler evaluates the model (k-step distillation in Liu et al.) instead of near
@@ -27,6 +29,7 @@ from torch import nn
 from ..data.pairs import generate_pairs, load_pairs
 from ..flow import get_schedule, image_ids, noised, sample_sigmas, velocity_target
 from ..images import grid
+from ..model.transformer import FluxConfig, FluxTransformer
 from .config import DistillConfig
 from .distill import export_student, frozen_pipeline
 
@@ -50,6 +53,23 @@ def student_start(folder: str, teacher: nn.Module) -> nn.Module:
     return start
 
 
+def deepened(start: FluxTransformer, single_blocks: int) -> FluxTransformer:
+    """`start` with single-stream blocks appended up to `single_blocks`, each with a zero gate (its modulation's
+    gate rows), so it adds nothing until trained: the deeper model computes exactly what `start` does."""
+    have = start.config.depth_single_blocks
+    if single_blocks < have:
+        raise ValueError(f"student_single_blocks must be at least the start point's {have}, got {single_blocks}")
+    deep = FluxTransformer(FluxConfig(**{**start.config.to_dict(), "depth_single_blocks": single_blocks}))
+    missing, unexpected = deep.load_state_dict(start.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("single_blocks.") for k in missing), (missing, unexpected)
+    dim = deep.config.hidden_size
+    with torch.no_grad():
+        for block in deep.single_blocks[have:]:
+            block.modulation.lin.weight[2 * dim:].zero_()  # (shift, scale, gate): the gate's rows
+            block.modulation.lin.bias[2 * dim:].zero_()
+    return deep.float()
+
+
 class ReflowTask(nn.Module):
     def __init__(self, cfg: DistillConfig, device: torch.device | str = "cpu"):
         from accelerate import PartialState
@@ -62,6 +82,8 @@ class ReflowTask(nn.Module):
             generate_pairs(pipe, cfg.pairs_dir, cfg.num_pairs, seed=cfg.seed, batch=cfg.pair_batch)
         self.noise, self.sample, self.prompts = load_pairs(cfg.pairs_dir, cfg.num_pairs)
         start = pipe.transformer if cfg.init_from is None else student_start(cfg.init_from, pipe.transformer)
+        if cfg.student_single_blocks is not None:
+            start = deepened(start, cfg.student_single_blocks)
         self.student = copy.deepcopy(start).float().requires_grad_(True).train()
         lat = pipe.defaults.sample_size
         self.img_ids = image_ids(lat, lat, self.device)
