@@ -1,4 +1,4 @@
-"""The decoder runs channels-last on a CPU (oneDNN's layout; bench/decoder_layout.py): same image as channels-first,
+"""The decoder runs channels-last on a CPU (the encoder can) (oneDNN's layout; bench/decoder_layout.py): same image as channels-first,
 returned in the usual layout, and the choice can be forced either way."""
 import torch
 
@@ -32,8 +32,25 @@ def test_the_decoder_runs_channels_last_on_a_cpu_and_returns_the_same_image_chan
     assert first.abs().mean() > 0.01  # a real image, not zeros
 
 
+def test_the_encoder_stays_channels_first_unless_asked_and_gives_the_same_latent_either_way():
+    vae = tiny()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    seen = []
+    vae.encoder.conv_out.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        first = vae.encode(x)  # the default: its rounding would travel through every sampling step
+        vae.encoder.channels_last = True
+        last = vae.encode(x)
+    assert seen == [False, True]
+    assert last.is_contiguous() and last.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(last, first, rtol=0, atol=1e-5)
+    assert first.abs().mean() > 0.01
+
+
 def test_the_layout_changes_no_weight():
     vae = tiny()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     vae.decode(torch.randn(1, 16, 8, 8))
+    vae.encode(torch.randn(1, 3, 32, 32))
     assert all(torch.equal(before[k], v) and v.is_contiguous() for k, v in vae.state_dict().items())
