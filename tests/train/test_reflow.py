@@ -148,6 +148,10 @@ def test_a_deeper_student_starts_as_its_start_point_and_then_learns_with_its_new
     assert new_gate.abs().sum() > 0  # the new blocks' gates get gradient: they start to contribute
     with pytest.raises(ValueError, match="student_single_blocks must be at least the start point's 4, got 3"):
         deepened(teacher, 3)
+    shallow = config(tmp_path / "shallow", student_single_blocks=3)
+    with pytest.raises(ValueError, match="student_single_blocks must be at least the start point's 4, got 3"):
+        ReflowTask(shallow)
+    assert not shallow.pairs_dir.exists()  # refused before any teacher pair was made
     with pytest.raises(ValueError, match="student_single_blocks .* is for method reflow"):
         config(tmp_path, method="guidance", student_single_blocks=6)
 

@@ -78,12 +78,13 @@ class ReflowTask(nn.Module):
         self.cfg = cfg
         self.device = torch.device(device)
         self.pipe = pipe = frozen_pipeline(cfg.teacher, self.device)
-        with PartialState().main_process_first():  # the main process makes the pairs; the others find them made
-            generate_pairs(pipe, cfg.pairs_dir, cfg.num_pairs, seed=cfg.seed, batch=cfg.pair_batch)
-        self.noise, self.sample, self.prompts = load_pairs(cfg.pairs_dir, cfg.num_pairs)
+        # the student's start point first: a wrong init_from or depth fails before an hour of teacher pairs
         start = pipe.transformer if cfg.init_from is None else student_start(cfg.init_from, pipe.transformer)
         if cfg.student_single_blocks is not None:
             start = deepened(start, cfg.student_single_blocks)
+        with PartialState().main_process_first():  # the main process makes the pairs; the others find them made
+            generate_pairs(pipe, cfg.pairs_dir, cfg.num_pairs, seed=cfg.seed, batch=cfg.pair_batch)
+        self.noise, self.sample, self.prompts = load_pairs(cfg.pairs_dir, cfg.num_pairs)
         self.student = copy.deepcopy(start).float().requires_grad_(True).train()
         lat = pipe.defaults.sample_size
         self.img_ids = image_ids(lat, lat, self.device)
