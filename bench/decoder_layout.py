@@ -22,7 +22,7 @@ from fluxion.model.autoencoder import AutoEncoder, AutoEncoderConfig
 from fluxion.pipelines import FluxPipeline, default_model_dir
 
 
-def decoders(batch: int) -> list[tuple[str, AutoEncoder, torch.Tensor]]:
+def autoencoders(batch: int) -> list[tuple[str, AutoEncoder, torch.Tensor]]:
     mini = FluxPipeline.from_pretrained(default_model_dir()).vae
     flux = AutoEncoder(AutoEncoderConfig()).eval()  # FLUX.1's widths (128-512 channels), random weights
     g = torch.Generator().manual_seed(0)
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, batch {args.batch}\n")
     print("| part | channels-first ms/image | channels-last ms/image | speed-up | max difference |")
     print("|---|---:|---:|---:|---:|")
-    for name, vae, z in decoders(args.batch):
+    for name, vae, z in autoencoders(args.batch):
         x = torch.rand(args.batch, 3, 128, 128, generator=torch.Generator().manual_seed(1)) * 2 - 1
         for part, net, given in (("decoder", vae.decoder, z), ("encoder", vae.encoder, x)):
             times, outputs = {}, {}

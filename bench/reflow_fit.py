@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     student = student_pipe.transformer.eval()
     seen = [t[: args.count] for t in load_pairs(folder, args.count)]
     new = teacher_samples(teacher, range(trained, trained + args.count), manifest["seed"], **manifest["call"])
-    levels = get_schedule(student_pipe.defaults.num_inference_steps, 64, student_pipe.schedule)[:-1]
+    tokens = (student_pipe.defaults.sample_size // 2) ** 2  # the image sequence a dynamic shift would read
+    levels = get_schedule(student_pipe.defaults.num_inference_steps, tokens, student_pipe.schedule)[:-1]
     print(f"{args.student}; {args.count} trained pairs (of {trained}) against {args.count} new pairs of "
           f"{manifest['teacher']}; pseudo-Huber loss (c {args.huber_c})\n")
     print("| noise level | trained pairs | new pairs | new / trained |\n|---|---:|---:|---:|")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..data.pairs import generate_pairs, load_pairs
-from ..flow import get_schedule, image_ids, noised, sample_sigmas, velocity_target
+from ..flow import ScheduleConfig, get_schedule, image_ids, noised, sample_sigmas, velocity_target
 from ..images import grid
 from ..model.transformer import FluxConfig, FluxTransformer
 from .config import DistillConfig
@@ -90,10 +90,14 @@ class ReflowTask(nn.Module):
         self.img_ids = image_ids(lat, lat, self.device)
         self.levels = self.student_levels()
 
+    @property
+    def student_schedule(self) -> ScheduleConfig:
+        """The exported student's schedule: the teacher's with a static `student_shift` (sample grids and export)."""
+        return dataclasses.replace(self.pipe.schedule, use_dynamic_shifting=False, shift=self.cfg.student_shift)
+
     def student_levels(self) -> torch.Tensor:
-        """The noise levels the exported student starts its steps at: `student_steps` at `student_shift`."""
-        schedule = dataclasses.replace(self.pipe.schedule, use_dynamic_shifting=False, shift=self.cfg.student_shift)
-        return get_schedule(self.cfg.student_steps, self.img_ids.shape[0], schedule)[:-1]
+        """The noise levels the exported student starts its steps at: `student_steps` on its schedule."""
+        return get_schedule(self.cfg.student_steps, self.img_ids.shape[0], self.student_schedule)[:-1]
 
     def ema_module(self) -> nn.Module:
         return self.student
@@ -131,8 +135,7 @@ class ReflowTask(nn.Module):
         was = student.training
         student.eval()
         pipe = FluxPipeline.from_pipe(self.pipe, transformer=student)
-        pipe.schedule = dataclasses.replace(pipe.schedule, use_dynamic_shifting=False,
-                                            shift=self.cfg.student_shift)  # as exported
+        pipe.schedule = self.student_schedule  # as exported
         pipe.set_progress_bar_config(disable=True)
         for n in sorted({1, 2, self.cfg.student_steps}):
             rows += pipe(prompts, generator=gens(), num_inference_steps=n, true_cfg_scale=1.0).images
@@ -143,4 +146,5 @@ class ReflowTask(nn.Module):
         """The teacher's folder with the student transformer, schnell-style defaults and the student's shift."""
         export_student(self.cfg.teacher, student, folder, self.student_defaults(),
                        {"method": "reflow", "num_pairs": self.cfg.num_pairs},
-                       {"shift": self.cfg.student_shift, "use_dynamic_shifting": False})
+                       {"shift": self.student_schedule.shift,
+                        "use_dynamic_shifting": self.student_schedule.use_dynamic_shifting})
