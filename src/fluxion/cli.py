@@ -543,9 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     di = sub.add_parser("distill", help="distil a FLUX model from a YAML config (kind: distill): --method guidance "
                                         "makes a dev-style student (one forward a step instead of true CFG's two); "
-                                        "--method reflow a few-step, CFG-free one from cached teacher pairs")
+                                        "--method reflow a few-step, CFG-free one from cached teacher pairs; "
+                                        "--method adversarial the same with LADD's adversarial loss on the "
+                                        "teacher's features")
     di.add_argument("config")
-    di.add_argument("--method", choices=["guidance", "reflow"], default=None, help="override the config's method")
+    di.add_argument("--method", choices=["guidance", "reflow", "adversarial"], default=None, help="override the config's method")
     _add_run_arguments(di, "student")
     di.set_defaults(func=cmd_distill)
 

@@ -104,7 +104,7 @@ def test_student_schedule_draws_only_the_levels_the_exported_student_samples_at(
 
 
 def test_student_schedule_is_refused_for_guidance_distillation_and_unknown_densities_by_name(tmp_path):
-    with pytest.raises(ValueError, match="student_schedule .* is for method reflow"):
+    with pytest.raises(ValueError, match="student_schedule .* is for methods reflow and adversarial"):
         config(tmp_path, method="guidance", timestep_sampling="student_schedule")
     with pytest.raises(ValueError, match="timestep_sampling must be one of .*u_shaped, student_schedule, got 'ushaped'"):
         config(tmp_path, timestep_sampling="ushaped")
@@ -152,7 +152,7 @@ def test_a_deeper_student_starts_as_its_start_point_and_then_learns_with_its_new
     with pytest.raises(ValueError, match="student_single_blocks must be at least the start point's 4, got 3"):
         ReflowTask(shallow)
     assert not shallow.pairs_dir.exists()  # refused before any teacher pair was made
-    with pytest.raises(ValueError, match="student_single_blocks .* is for method reflow"):
+    with pytest.raises(ValueError, match="student_single_blocks .* is for methods reflow and adversarial"):
         config(tmp_path, method="guidance", student_single_blocks=6)
 
 

@@ -178,7 +178,8 @@ def load_controlnet_config(path: str, overrides: list[str] | None = None) -> Con
     return cfg
 
 
-METHODS = ("guidance", "reflow")  # distillation methods: fluxion.train.distill, fluxion.train.reflow
+METHODS = ("guidance", "reflow", "adversarial")  # fluxion.train.distill, .reflow, .adversarial
+PAIR_METHODS = ("reflow", "adversarial")  # the methods that train a few-step student on cached teacher pairs
 
 
 @dataclass
@@ -199,6 +200,13 @@ class DistillConfig(TrainConfig):
     student_shift: float = 1.0  # the exported scheduler's shift: where those few steps fall (>1: more at high noise)
     student_single_blocks: int | None = None  # reflow: a deeper student (None: the teacher's count); the added
     # single-stream blocks start with zero gates, so the student starts as its start point
+    # adversarial (fluxion.train.adversarial: LADD on the teacher's features)
+    adv_weight: float = 0.1  # the student's adversarial term, -D(fake)
+    reg_weight: float = 1.0  # the student's reflow regression on the pair (0: pure LADD)
+    adv_noise_mean: float = 1.0  # logit-normal of the level both samples are noised to again before the teacher
+    adv_noise_std: float = 1.0  # reads them (mean > 0: mostly high noise, where the layout is judged)
+    disc_lr_scale: float = 10.0  # the discriminator heads' learning rate, as a multiple of lr
+    disc_width: int = 64  # channels of each discriminator head
 
     def __post_init__(self):
         if self.kind != "distill":
@@ -214,14 +222,19 @@ class DistillConfig(TrainConfig):
         self.guidance_range = (low, high)
         if self.sample_guidance is not None:
             check_numbers(self, finite=("sample_guidance",))
-        check_numbers(self, positive=("huber_c", "student_shift"), at_least_one=("num_pairs", "pair_batch", "student_steps"))
+        check_numbers(self, positive=("huber_c", "student_shift", "adv_noise_std", "disc_lr_scale"),
+                      non_negative=("adv_weight", "reg_weight"), finite=("adv_noise_mean",),
+                      at_least_one=("num_pairs", "pair_batch", "student_steps", "disc_width"))
+        if self.disc_width % 8:
+            raise ValueError(f"disc_width must be a multiple of 8 (the heads' group norm), got {self.disc_width}")
         if self.student_single_blocks is not None:
             check_numbers(self, at_least_one=("student_single_blocks",))
-            if self.method != "reflow":
-                raise ValueError(f"student_single_blocks (a deeper student) is for method reflow, got {self.method!r}")
-        if self.timestep_sampling == "student_schedule" and self.method != "reflow":
-            raise ValueError("timestep_sampling student_schedule (the exported student's noise levels) is for method "
-                             f"reflow, got method {self.method!r}")
+            if self.method not in PAIR_METHODS:
+                raise ValueError(f"student_single_blocks (a deeper student) is for methods {' and '.join(PAIR_METHODS)}, "
+                                 f"got {self.method!r}")
+        if self.timestep_sampling == "student_schedule" and self.method not in PAIR_METHODS:
+            raise ValueError("timestep_sampling student_schedule (the exported student's noise levels) is for methods "
+                             f"{' and '.join(PAIR_METHODS)}, got method {self.method!r}")
 
     @property
     def pairs_dir(self) -> Path:

@@ -10,7 +10,8 @@ A task (`flux.FluxTask`, `autoencoder.AutoencoderTask`, `lora.LoraTask`, `contro
   an uninterrupted one;
 - `forward(rows) -> (per-row losses [n], logs)`: the objective is the mean of the per-row losses over the
   global batch (a task folds any weighting, e.g. DreamBooth's prior-preservation weight, into its rows);
-- `ema_module()`, `sample_grid(module, step)` (an image or None), `export(module, folder)`.
+- `ema_module()`, `sample_grid(module, step)` (an image or None), `export(module, folder)`;
+- optionally `lr_scale(name)`: a parameter's learning rate as a multiple of the schedule's (a discriminator's).
 
 Launch: `fluxion train CONFIG` on one process; `torchrun --nproc-per-node N -m fluxion.cli train CONFIG` (or
 `accelerate launch --multi_gpu --num_processes N ...`) on N. On CPUs the processes talk over gloo.
@@ -77,6 +78,17 @@ def learning_rate(cfg, step: int) -> float:
     return lr
 
 
+def param_groups(task) -> list[dict]:
+    """The trainable weights, one optimizer group per learning-rate multiple (`task.lr_scale(name)`, 1 if the task
+    has none: a GAN's discriminator may learn faster than its generator)."""
+    scale = getattr(task, "lr_scale", lambda name: 1.0)
+    groups: dict[float, list] = {}
+    for name, p in task.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(float(scale(name)), []).append(p)
+    return [{"params": ps, "lr_scale": k} for k, ps in groups.items()]
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """Noise for step s depends only on (seed, s): a resumed run draws what an uninterrupted one would."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -137,8 +149,7 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
     torch.manual_seed(s.seed)
     task = build_task(acc.device)
     names = [n for n, p in task.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
-                                  weight_decay=s.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(task), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     ema = EMA(task.ema_module(), s.ema_decay) if s.ema_decay > 0 and main else None
     step, history = 0, []
 
@@ -209,7 +220,7 @@ def fit(build_task, settings: LoopSettings, config: dict, resume_keys: tuple[str
     end = s.steps if until is None else min(until, s.steps)
     while step < end:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(s, step)
+            group["lr"] = learning_rate(s, step) * group.get("lr_scale", 1.0)  # older checkpoints: none
         t0 = time.time()
         batch = unwrapped.batch(step, step_generator(s.seed, step))  # the global batch, the same on every process
         total = torch.zeros((), device=acc.device)
@@ -319,6 +330,10 @@ def make_task(cfg, device: torch.device | str = "cpu"):
         from .controlnet import ControlNetTask
 
         return ControlNetTask(cfg, device)
+    if cfg.kind == "distill" and cfg.method == "adversarial":
+        from .adversarial import AdversarialTask
+
+        return AdversarialTask(cfg, device)
     if cfg.kind == "distill" and cfg.method == "reflow":
         from .reflow import ReflowTask
 

@@ -1,0 +1,157 @@
+"""Latent adversarial distillation (`fluxion distill CONFIG`, method: adversarial): LADD (Sauer et al. 2024,
+FLUX.1-schnell's method) on the reflow task's teacher pairs, toward a few-step, CFG-free student.
+
+Why: regression on (noise, teacher sample) pairs levels off (README, "Few-step generation"): from pure noise the
+student cannot tell which of the layouts the teacher would settle on, so it learns their average, merged blobs.
+An adversarial loss asks for a sample that looks like *some* teacher sample for the prompt, not their mean.
+
+- student: as reflow's (the teacher's transformer, or `init_from`'s, optionally deepened); at one of the noise
+  levels it samples at (`student_steps` at `student_shift`) it sees the pair's point on the straight line and
+  predicts its clean latent x̂ = x_s - s v̂ in one step;
+- discriminator: the frozen teacher's own features, as in LADD. x̂ and the teacher's sample x are both noised
+  again to a level s' (logit-normal, `adv_noise_mean`/`adv_noise_std`; higher levels judge the layout, lower the
+  detail) with the same noise, and the teacher runs on both; a small head per teacher block reads its image
+  tokens as a feature map, conditioned on the teacher's modulation vector (s' and the pooled prompt), and scores
+  every position (hinge loss). Only the heads learn on the discriminator's side;
+- objective, per row: the heads' hinge loss on (real, fake), plus `adv_weight` times the student's loss
+  -D(fake), plus `reg_weight` times reflow's pseudo-Huber regression on the pair (the anchor that keeps the
+  student on its teacher's pairs; 0 is pure LADD). The three are summed into one loss and one optimizer step:
+  each part reaches only its own player's weights (the heads see x̂ detached; the student's term reads the
+  heads through detached weights), and the heads learn `disc_lr_scale` times faster than the student.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..flow import noised, sample_sigmas, velocity_target
+from ..model.transformer import FluxTransformer, Prepared
+from .reflow import ReflowTask, pseudo_huber_per_row
+
+
+def teacher_tokens(teacher: FluxTransformer, img, img_ids, txt, txt_ids, sigma, pooled) -> tuple[list, torch.Tensor]:
+    """The teacher's image tokens after each of its blocks ([B, N, hidden] each, double blocks then single) and
+    its modulation vector [B, hidden] (noise level + pooled prompt): the discriminator's inputs."""
+    batch = img.shape[0]
+    vec = teacher.conditioning(sigma, pooled, None)
+    p = Prepared(vec, None, *teacher.text_and_positions(txt, txt_ids, img_ids, batch))
+    img, txt_h, feats = teacher.img_in(img.to(teacher.compute_dtype)), p.txt, []
+    for i in range(len(teacher.double_blocks)):
+        img, txt_h = teacher.double_stream(img, p, start=i, stop=i + 1, txt=txt_h)
+        feats.append(img)
+    n_txt, depth = txt_h.shape[1], len(teacher.double_blocks)
+    joint = torch.cat([txt_h, img], dim=1)
+    for i, block in enumerate(teacher.single_blocks):
+        joint = block(joint, p.vec, p.pe, p.mod(depth + i), None)
+        feats.append(joint[:, n_txt:])
+    return feats, vec
+
+
+class DiscriminatorHead(nn.Module):
+    """Scores one teacher block's image tokens, per position: a 3x3 convolution over the token grid, modulated by
+    the teacher's conditioning vector, then a per-position logit plus a projection term (the pooled features
+    against the conditioning: does this layout fit this prompt at this noise level)."""
+
+    def __init__(self, dim: int, cond_dim: int, width: int = 64):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, width, 3, padding=1)
+        self.norm = nn.GroupNorm(8, width)
+        self.film = nn.Linear(cond_dim, 2 * width)
+        self.mix = nn.Conv2d(width, width, 3, padding=1)
+        self.out = nn.Conv2d(width, 1, 1)
+        self.project = nn.Linear(cond_dim, width)
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        side = math.isqrt(n)
+        h = F.silu(self.norm(self.conv(tokens.float().transpose(1, 2).reshape(b, c, side, side))))
+        scale, shift = self.film(cond.float()).chunk(2, dim=-1)
+        h = F.silu(self.mix(h * (1 + scale[..., None, None]) + shift[..., None, None]))
+        fit = (h.mean((2, 3)) * self.project(cond.float())).sum(-1, keepdim=True) / math.sqrt(h.shape[1])
+        return self.out(h).flatten(1) + fit  # [B, positions]
+
+
+def hinge_per_row(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+    """The discriminator's hinge loss per row, averaged over heads and positions."""
+    terms = [F.relu(1 - r).mean(1) + F.relu(1 + f).mean(1) for r, f in zip(real, fake)]
+    return torch.stack(terms).mean(0)
+
+
+class AdversarialTask(ReflowTask):
+    def __init__(self, cfg, device: torch.device | str = "cpu"):
+        super().__init__(cfg, device)
+        self.teacher = self.pipe.transformer  # frozen (frozen_pipeline); not a submodule: never saved or trained
+        c = self.teacher.config
+        heads = len(self.teacher.double_blocks) + len(self.teacher.single_blocks)
+        self.heads = nn.ModuleList(DiscriminatorHead(c.hidden_size, c.hidden_size, cfg.disc_width)
+                                   for _ in range(heads)).to(self.device)
+
+    def lr_scale(self, name: str) -> float:
+        """The heads start from nothing and must keep up with the student: they learn `disc_lr_scale` x faster."""
+        return self.cfg.disc_lr_scale if name.startswith("heads.") else 1.0
+
+    def batch(self, step: int, generator: torch.Generator) -> dict:
+        cfg = self.cfg
+        rows = super().batch(step, generator)
+        n = len(rows["idx"])
+        rows["adv_sigma"] = sample_sigmas(n, "logit_normal", generator, cfg.adv_noise_mean, cfg.adv_noise_std)
+        rows["adv_noise"] = torch.randn((n, *self.noise.shape[1:]), generator=generator)
+        return rows
+
+    def features(self, latents, sigma, noise, prompt) -> tuple[list, torch.Tensor]:
+        """The teacher's block tokens for `latents` noised to `sigma` with `noise`, and its (detached) conditioning."""
+        txt, pooled, txt_ids = prompt
+        feats, vec = teacher_tokens(self.teacher, noised(latents, noise, sigma), self.img_ids, txt, txt_ids, sigma,
+                                    pooled)
+        return feats, vec.detach()
+
+    def judge(self, feats: list, vec: torch.Tensor, frozen: bool = False) -> list[torch.Tensor]:
+        """Every head's per-position logits; `frozen`: through detached copies of the heads' weights (the student's
+        term, which must not train the heads)."""
+        if not frozen:
+            return [head(f, vec) for head, f in zip(self.heads, feats)]
+        return [functional_call(head, {k: v.detach() for k, v in head.named_parameters()}, (f, vec))
+                for head, f in zip(self.heads, feats)]
+
+    def parts(self, rows: dict) -> dict[str, torch.Tensor]:
+        """The objective's three per-row parts: `disc` (the heads' hinge loss; gradient to the heads only), `gen`
+        (the student's adversarial loss -D(fake); to the student only) and `reg` (reflow's regression), with the
+        logits `real` and `fake` for logging."""
+        cfg = self.cfg
+        idx, sigma = rows["idx"], rows["sigma"].to(self.device)
+        adv_sigma, adv_noise = rows["adv_sigma"].to(self.device), rows["adv_noise"].to(self.device)
+        z, x = self.noise[idx].to(self.device), self.sample[idx].to(self.device)
+        with torch.no_grad():
+            prompt = self.pipe.encode_prompt([self.prompts[i] for i in idx.tolist()],
+                                             max_sequence_length=cfg.max_sequence_length)
+            real_feats, real_vec = self.features(x, adv_sigma, adv_noise, prompt)
+        x_s = noised(x, z, sigma)
+        pred = self.student(x_s, self.img_ids, prompt[0], prompt[2], sigma, prompt[1])
+        x_hat = x_s.float() - sigma[:, None, None] * pred.float()  # the student's clean latent in one step
+        fake_feats, fake_vec = self.features(x_hat, adv_sigma, adv_noise, prompt)  # differentiable in x_hat
+        real = self.judge(real_feats, real_vec)
+        fake_heads = self.judge([f.detach() for f in fake_feats], fake_vec)  # gradient to the heads only
+        fake_student = self.judge(fake_feats, fake_vec, frozen=True)  # gradient to the student only
+        return {"disc": hinge_per_row(real, fake_heads), "gen": -torch.stack([f.mean(1) for f in fake_student]).mean(0),
+                "reg": pseudo_huber_per_row(pred, velocity_target(x, z), cfg.huber_c),
+                "real": torch.stack([r.mean(1) for r in real]).detach(),
+                "fake": torch.stack([f.mean(1) for f in fake_heads]).detach()}
+
+    def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
+        p = self.parts(rows)
+        logs = {"d": p["disc"].mean().item(), "g": p["gen"].mean().item(), "reg": p["reg"].mean().item(),
+                "d_acc": ((p["real"] > 0).float().mean() + (p["fake"] < 0).float().mean()).item() / 2}
+        return p["disc"] + self.cfg.adv_weight * p["gen"] + self.cfg.reg_weight * p["reg"], logs
+
+    def export(self, student: nn.Module, folder) -> None:
+        from .distill import export_student
+
+        export_student(self.cfg.teacher, student, folder, self.student_defaults(),
+                       {"method": "adversarial", "num_pairs": self.cfg.num_pairs, "adv_weight": self.cfg.adv_weight,
+                        "reg_weight": self.cfg.reg_weight},
+                       {"shift": self.student_schedule.shift,
+                        "use_dynamic_shifting": self.student_schedule.use_dynamic_shifting})
