@@ -69,6 +69,23 @@ def test_each_part_of_the_loss_reaches_only_its_own_player(task):
     task.zero_grad(set_to_none=True)
 
 
+def test_the_game_is_played_only_on_rows_at_or_above_adv_min_level(task):
+    import dataclasses
+
+    rows = task.batch(5, step_generator(0, 5))
+    rows["sigma"] = torch.tensor([1.0, 0.9, 0.75, 0.5])
+    was = task.cfg
+    try:
+        task.cfg = dataclasses.replace(was, adv_min_level=0.9, adv_weight=0.5, reg_weight=2.0)
+        with torch.no_grad():
+            loss, _ = task(rows)
+            p = task.parts(rows)
+    finally:
+        task.cfg = was
+    torch.testing.assert_close(loss[2:], 2.0 * p["reg"][2:])  # below the level: the regression alone
+    torch.testing.assert_close(loss[:2], p["disc"][:2] + 0.5 * p["gen"][:2] + 2.0 * p["reg"][:2])
+
+
 def test_the_student_term_pushes_its_sample_toward_what_the_heads_call_real(task):
     """One gradient step of the student on -D(fake) alone raises D(fake): the sign is the generator's."""
     import copy
@@ -131,6 +148,7 @@ def test_training_teaches_the_heads_faster_and_exports_a_schnell_style_student(t
     ("adv_weight", -0.1, "adv_weight must be a number >= 0"),
     ("disc_lr_scale", 0.0, "disc_lr_scale must be a number > 0"),
     ("disc_width", 12, "disc_width must be a multiple of 8"),
+    ("adv_min_level", -0.5, "adv_min_level must be a number >= 0"),
     ("adv_noise_std", float("nan"), "adv_noise_std must be a number > 0"),
 ])
 def test_bad_adversarial_settings_are_refused_by_name(tmp_path, key, value, message):

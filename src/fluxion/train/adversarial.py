@@ -15,7 +15,8 @@ An adversarial loss asks for a sample that looks like *some* teacher sample for 
   every position (hinge loss). Only the heads learn on the discriminator's side;
 - objective, per row: the heads' hinge loss on (real, fake), plus `adv_weight` times the student's loss
   -D(fake), plus `reg_weight` times reflow's pseudo-Huber regression on the pair (the anchor that keeps the
-  student on its teacher's pairs; 0 is pure LADD). The three are summed into one loss and one optimizer step:
+  student on its teacher's pairs; 0 is pure LADD); the adversarial terms only on rows whose student level is at
+  least `adv_min_level` (1: the first step alone). The three are summed into one loss and one optimizer step:
   each part reaches only its own player's weights (the heads see x̂ detached; the student's term reads the
   heads through detached weights), and the heads learn `disc_lr_scale` times faster than the student.
 """
@@ -143,9 +144,14 @@ class AdversarialTask(ReflowTask):
 
     def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
         p = self.parts(rows)
-        logs = {"d": p["disc"].mean().item(), "g": p["gen"].mean().item(), "reg": p["reg"].mean().item(),
-                "d_acc": ((p["real"] > 0).float().mean() + (p["fake"] < 0).float().mean()).item() / 2}
-        return p["disc"] + self.cfg.adv_weight * p["gen"] + self.cfg.reg_weight * p["reg"], logs
+        # the adversarial game only on rows whose student level is at least adv_min_level: below it the pair's
+        # line already fixes the layout, the one-step sample is near the teacher's, and a "fake" label is noise
+        on = rows["sigma"].to(p["disc"].device) >= self.cfg.adv_min_level
+        logs = {"reg": p["reg"].mean().item()}
+        if on.any():  # the game's figures over the rows that play it
+            logs.update(d=p["disc"][on].mean().item(), g=p["gen"][on].mean().item(),
+                        d_acc=((p["real"][:, on] > 0).float().mean() + (p["fake"][:, on] < 0).float().mean()).item() / 2)
+        return on.float() * (p["disc"] + self.cfg.adv_weight * p["gen"]) + self.cfg.reg_weight * p["reg"], logs
 
     def export(self, student: nn.Module, folder) -> None:
         from .distill import export_student
