@@ -86,6 +86,40 @@ def test_the_game_is_played_only_on_rows_at_or_above_adv_min_level(task):
     torch.testing.assert_close(loss[:2], p["disc"][:2] + 0.5 * p["gen"][:2] + 2.0 * p["reg"][:2])
 
 
+def test_backward_simulation_feeds_each_row_the_students_own_steps_from_the_pairs_noise(task):
+    import dataclasses
+
+    rows = task.batch(7, step_generator(0, 7))
+    rows["sigma"] = task.levels[[0, 1, 2, 3]].clone()  # 1, 0.9, 0.75, 0.5
+    idx = rows["idx"]
+    z, x = task.noise[idx], task.sample[idx]
+    prompt = task.pipe.encode_prompt([task.prompts[i] for i in idx.tolist()], max_sequence_length=20)
+    got = task.simulate(z, rows["sigma"], prompt)
+    torch.testing.assert_close(got[0], z[0])  # at noise 1: the noise itself
+    levels = task.levels.tolist()
+    with torch.no_grad():  # row 3 by hand: three Euler steps of the student from its noise
+        here = z[3:4].clone()
+        for a, b in zip(levels[:3], levels[1:]):
+            v = task.student(here, task.img_ids, prompt[0][3:4], prompt[2], torch.tensor([a]), prompt[1][3:4])
+            here = here + (b - a) * v
+    torch.testing.assert_close(got[3:4], here, rtol=0, atol=1e-5)
+    assert (got[2] - noised_line(x[2], z[2], levels[2])).abs().mean() > 1e-3  # not the pair's straight line
+    was = task.cfg
+    try:  # the regression target takes the input to the teacher's sample in one step, wherever the input is
+        with torch.no_grad():
+            on_line = task.parts(rows)["reg"]
+            task.cfg = dataclasses.replace(was, backward_simulation=True)
+            own = task.parts(rows)["reg"]
+    finally:
+        task.cfg = was
+    torch.testing.assert_close(own[0], on_line[0])  # at noise 1 both inputs are z: the same target z - x
+    assert ((own[1:] - on_line[1:]).abs() > 1e-4).all()  # below it, another input and so another target
+
+
+def noised_line(x, z, s):
+    return s * z + (1 - s) * x
+
+
 def test_the_student_term_pushes_its_sample_toward_what_the_heads_call_real(task):
     """One gradient step of the student on -D(fake) alone raises D(fake): the sign is the generator's."""
     import copy
@@ -149,6 +183,7 @@ def test_training_teaches_the_heads_faster_and_exports_a_schnell_style_student(t
     ("disc_lr_scale", 0.0, "disc_lr_scale must be a number > 0"),
     ("disc_width", 12, "disc_width must be a multiple of 8"),
     ("adv_min_level", -0.5, "adv_min_level must be a number >= 0"),
+    ("backward_simulation", "yes", "backward_simulation must be true or false"),
     ("adv_noise_std", float("nan"), "adv_noise_std must be a number > 0"),
 ])
 def test_bad_adversarial_settings_are_refused_by_name(tmp_path, key, value, message):

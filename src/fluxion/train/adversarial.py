@@ -13,6 +13,10 @@ An adversarial loss asks for a sample that looks like *some* teacher sample for 
   detail) with the same noise, and the teacher runs on both; a small head per teacher block reads its image
   tokens as a feature map, conditioned on the teacher's modulation vector (s' and the pooled prompt), and scores
   every position (hinge loss). Only the heads learn on the discriminator's side;
+- inputs (`backward_simulation`): the pair's point on its straight line, or the student's own steps from the
+  pair's noise (DMD2's backward simulation: what the 4-step sampler really feeds it at each level, so the game is
+  played on its own trajectory); the regression target is, either way, the velocity that takes the input to the
+  teacher's sample in one step, (x_s - x) / s (z - x on the line);
 - objective, per row: the heads' hinge loss on (real, fake), plus `adv_weight` times the student's loss
   -D(fake), plus `reg_weight` times reflow's pseudo-Huber regression on the pair (the anchor that keeps the
   student on its teacher's pairs; 0 is pure LADD); the adversarial terms only on rows whose student level is at
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..flow import noised, sample_sigmas, velocity_target
+from ..flow import noised, sample_sigmas
 from ..model.transformer import FluxTransformer, Prepared
 from .reflow import ReflowTask, pseudo_huber_per_row
 
@@ -103,6 +107,20 @@ class AdversarialTask(ReflowTask):
         rows["adv_noise"] = torch.randn((n, *self.noise.shape[1:]), generator=generator)
         return rows
 
+    @torch.no_grad()
+    def simulate(self, z: torch.Tensor, sigma: torch.Tensor, prompt) -> torch.Tensor:
+        """Each row's input as the exported sampler would give it: the student's own Euler steps from the pair's
+        noise z down to the row's level (backward simulation, DMD2), not the point on the pair's straight line."""
+        x, levels = z.clone(), self.levels.tolist()
+        for here, there in zip(levels, levels[1:]):
+            go = sigma < here - 1e-6  # rows whose level is further down the schedule
+            if not go.any():
+                break
+            level = torch.full((int(go.sum()),), here, device=z.device)
+            v = self.student(x[go], self.img_ids, prompt[0][go], prompt[2], level, prompt[1][go])
+            x[go] = x[go] + (there - here) * v.to(x.dtype)
+        return x
+
     def features(self, latents, sigma, noise, prompt) -> tuple[list, torch.Tensor]:
         """The teacher's block tokens for `latents` noised to `sigma` with `noise`, and its (detached) conditioning."""
         txt, pooled, txt_ids = prompt
@@ -130,7 +148,7 @@ class AdversarialTask(ReflowTask):
             prompt = self.pipe.encode_prompt([self.prompts[i] for i in idx.tolist()],
                                              max_sequence_length=cfg.max_sequence_length)
             real_feats, real_vec = self.features(x, adv_sigma, adv_noise, prompt)
-        x_s = noised(x, z, sigma)
+        x_s = self.simulate(z, sigma, prompt) if cfg.backward_simulation else noised(x, z, sigma)
         pred = self.student(x_s, self.img_ids, prompt[0], prompt[2], sigma, prompt[1])
         x_hat = x_s.float() - sigma[:, None, None] * pred.float()  # the student's clean latent in one step
         fake_feats, fake_vec = self.features(x_hat, adv_sigma, adv_noise, prompt)  # differentiable in x_hat
@@ -138,7 +156,7 @@ class AdversarialTask(ReflowTask):
         fake_heads = self.judge([f.detach() for f in fake_feats], fake_vec)  # gradient to the heads only
         fake_student = self.judge(fake_feats, fake_vec, frozen=True)  # gradient to the student only
         return {"disc": hinge_per_row(real, fake_heads), "gen": -torch.stack([f.mean(1) for f in fake_student]).mean(0),
-                "reg": pseudo_huber_per_row(pred, velocity_target(x, z), cfg.huber_c),
+                "reg": pseudo_huber_per_row(pred, (x_s.float() - x) / sigma[:, None, None], cfg.huber_c),
                 "real": torch.stack([r.mean(1) for r in real]).detach(),
                 "fake": torch.stack([f.mean(1) for f in fake_heads]).detach()}
 

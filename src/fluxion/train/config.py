@@ -207,6 +207,7 @@ class DistillConfig(TrainConfig):
     adv_noise_std: float = 1.0  # reads them (mean > 0: mostly high noise, where the layout is judged)
     adv_min_level: float = 0.0  # the adversarial terms only on rows whose student level is at least this (1: the
     # first step of the student's sampler alone, where regression averages the layouts noise leaves open)
+    backward_simulation: bool = False  # the student's inputs from its own sampler steps, not the pairs' lines
     disc_lr_scale: float = 10.0  # the discriminator heads' learning rate, as a multiple of lr
     disc_width: int = 64  # channels of each discriminator head
 
@@ -227,6 +228,8 @@ class DistillConfig(TrainConfig):
         check_numbers(self, positive=("huber_c", "student_shift", "adv_noise_std", "disc_lr_scale"),
                       non_negative=("adv_weight", "reg_weight", "adv_min_level"), finite=("adv_noise_mean",),
                       at_least_one=("num_pairs", "pair_batch", "student_steps", "disc_width"))
+        if not isinstance(self.backward_simulation, bool):
+            raise ValueError(f"backward_simulation must be true or false, got {self.backward_simulation!r}")
         if self.disc_width % 8:
             raise ValueError(f"disc_width must be a multiple of 8 (the heads' group norm), got {self.disc_width}")
         if self.student_single_blocks is not None:
