@@ -171,6 +171,7 @@ def test_training_teaches_the_heads_faster_and_exports_a_schnell_style_student(t
 
     index = json.loads((tmp_path / "student" / "model_index.json").read_text())
     assert index["_fluxion_distilled"]["method"] == "adversarial"
+    assert index["_fluxion_distilled"]["backward_simulation"] is False
     assert (index["_fluxion_defaults"]["num_inference_steps"], index["_fluxion_defaults"]["true_cfg_scale"]) == (1, 1.0)
     assert not (tmp_path / "student" / "transformer" / "heads").exists()
     pipe = FluxPipeline.from_pretrained(tmp_path / "student")  # the student alone: no discriminator weights
@@ -189,3 +190,11 @@ def test_training_teaches_the_heads_faster_and_exports_a_schnell_style_student(t
 def test_bad_adversarial_settings_are_refused_by_name(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, **{key: value})
+
+
+def test_backward_simulation_needs_the_students_own_levels(tmp_path):
+    with pytest.raises(ValueError, match="backward_simulation .* timestep_sampling student_schedule .* 'u_shaped'"):
+        config(tmp_path, backward_simulation=True, timestep_sampling="u_shaped")
+    with pytest.raises(ValueError, match="backward_simulation .* is for method adversarial"):
+        config(tmp_path, backward_simulation=True, method="reflow")
+    assert config(tmp_path, backward_simulation=True).backward_simulation

@@ -176,6 +176,7 @@ class AdversarialTask(ReflowTask):
 
         export_student(self.cfg.teacher, student, folder, self.student_defaults(),
                        {"method": "adversarial", "num_pairs": self.cfg.num_pairs, "adv_weight": self.cfg.adv_weight,
-                        "reg_weight": self.cfg.reg_weight},
+                        "reg_weight": self.cfg.reg_weight, "adv_min_level": self.cfg.adv_min_level,
+                        "backward_simulation": self.cfg.backward_simulation},
                        {"shift": self.student_schedule.shift,
                         "use_dynamic_shifting": self.student_schedule.use_dynamic_shifting})

@@ -230,6 +230,10 @@ class DistillConfig(TrainConfig):
                       at_least_one=("num_pairs", "pair_batch", "student_steps", "disc_width"))
         if not isinstance(self.backward_simulation, bool):
             raise ValueError(f"backward_simulation must be true or false, got {self.backward_simulation!r}")
+        if self.backward_simulation and (self.method != "adversarial" or self.timestep_sampling != "student_schedule"):
+            raise ValueError("backward_simulation (inputs from the student's own sampler steps) is for method "
+                             "adversarial with timestep_sampling student_schedule (the levels those steps reach), got "
+                             f"method {self.method!r} with {self.timestep_sampling!r}")
         if self.disc_width % 8:
             raise ValueError(f"disc_width must be a multiple of 8 (the heads' group norm), got {self.disc_width}")
         if self.student_single_blocks is not None:
