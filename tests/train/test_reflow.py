@@ -194,3 +194,39 @@ def test_reflow_lowers_its_loss_and_exports_a_schnell_style_student(tmp_path):
     a = ref("two yellow triangles", generator=torch.Generator().manual_seed(1), **kw).images
     b = ours("two yellow triangles", generator=torch.Generator().manual_seed(1), **kw).images
     np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+def test_a_dev_style_student_starts_a_reflow_at_its_teachers_cfg(tmp_path):
+    from fluxion import FluxPipeline
+    from fluxion.flow import noised
+    from fluxion.train.distill import export_student, student_from_teacher
+    from fluxion.train.reflow import ReflowTask, pseudo_huber_per_row
+
+    teacher = FluxPipeline.from_pretrained(MINI).transformer
+    dev = student_from_teacher(teacher)
+    torch.nn.init.normal_(dev.guidance_in.out_layer.weight, std=0.05)  # as if trained: the guidance value matters
+    export_student(MINI, dev, tmp_path / "dev", {"guidance_scale": 3.0, "true_cfg_scale": 1.0}, {"method": "guidance"})
+    cfg = config(tmp_path, init_from=str(tmp_path / "dev"), export=str(tmp_path / "student"), steps=2,
+                 checkpoint_every=2)
+    task = ReflowTask(cfg)
+    assert task.student.config.guidance_embed and task.student_guidance == 3.0  # the teacher's true_cfg_scale
+
+    rows = task.batch(0, step_generator(0, 0))
+    idx, sigma = rows["idx"], rows["sigma"]
+    z, x = task.noise[idx], task.sample[idx]
+    txt, pooled, txt_ids = task.pipe.encode_prompt([task.prompts[i] for i in idx.tolist()], max_sequence_length=20)
+    with torch.no_grad():
+        loss, _ = task(rows)
+
+        def by_hand(g: float):
+            pred = task.student(noised(x, z, sigma), task.img_ids, txt, txt_ids, sigma, pooled,
+                                torch.full((len(idx),), g))
+            return pseudo_huber_per_row(pred, z - x, cfg.huber_c)
+
+        torch.testing.assert_close(loss, by_hand(3.0))
+        assert not torch.allclose(loss, by_hand(0.0))  # so the guidance input is really 3, not ignored
+
+    train(cfg)
+    index = json.loads((tmp_path / "student" / "model_index.json").read_text())
+    assert (index["_fluxion_defaults"]["guidance_scale"], index["_fluxion_defaults"]["num_inference_steps"]) == (3.0, 4)
+    assert FluxPipeline.from_pretrained(tmp_path / "student").transformer.config.guidance_embed

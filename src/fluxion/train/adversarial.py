@@ -117,7 +117,8 @@ class AdversarialTask(ReflowTask):
             if not go.any():
                 break
             level = torch.full((int(go.sum()),), here, device=z.device)
-            v = self.student(x[go], self.img_ids, prompt[0][go], prompt[2], level, prompt[1][go])
+            v = self.student(x[go], self.img_ids, prompt[0][go], prompt[2], level, prompt[1][go],
+                             self.guidance(int(go.sum())))
             x[go] = x[go] + (there - here) * v.to(x.dtype)
         return x
 
@@ -149,7 +150,7 @@ class AdversarialTask(ReflowTask):
                                              max_sequence_length=cfg.max_sequence_length)
             real_feats, real_vec = self.features(x, adv_sigma, adv_noise, prompt)
         x_s = self.simulate(z, sigma, prompt) if cfg.backward_simulation else noised(x, z, sigma)
-        pred = self.student(x_s, self.img_ids, prompt[0], prompt[2], sigma, prompt[1])
+        pred = self.student(x_s, self.img_ids, prompt[0], prompt[2], sigma, prompt[1], self.guidance(len(idx)))
         x_hat = x_s.float() - sigma[:, None, None] * pred.float()  # the student's clean latent in one step
         fake_feats, fake_vec = self.features(x_hat, adv_sigma, adv_noise, prompt)  # differentiable in x_hat
         real = self.judge(real_feats, real_vec)

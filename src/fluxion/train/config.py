@@ -198,6 +198,7 @@ class DistillConfig(TrainConfig):
     huber_c: float = 0.03  # pseudo-Huber loss: sqrt(mse + c^2) - c per row (Rectified Flow++)
     student_steps: int = 4  # the exported student's default steps (schnell-style: no CFG)
     student_shift: float = 1.0  # the exported scheduler's shift: where those few steps fall (>1: more at high noise)
+    student_guidance: float | None = None  # a dev-style student's guidance input (None: the teacher's true_cfg_scale)
     student_single_blocks: int | None = None  # reflow: a deeper student (None: the teacher's count); the added
     # single-stream blocks start with zero gates, so the student starts as its start point
     # adversarial (fluxion.train.adversarial: LADD on the teacher's features)
@@ -225,6 +226,8 @@ class DistillConfig(TrainConfig):
         self.guidance_range = (low, high)
         if self.sample_guidance is not None:
             check_numbers(self, finite=("sample_guidance",))
+        if self.student_guidance is not None:
+            check_numbers(self, non_negative=("student_guidance",))
         check_numbers(self, positive=("huber_c", "student_shift", "adv_noise_std", "disc_lr_scale"),
                       non_negative=("adv_weight", "reg_weight", "adv_min_level"), finite=("adv_noise_mean",),
                       at_least_one=("num_pairs", "pair_batch", "student_steps", "disc_width"))

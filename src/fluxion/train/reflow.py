@@ -8,6 +8,9 @@ initialised from the teacher).
   straight lines between each pair's ends: at noise level s, input (1 - s) x + s z, target z - x (the same
   velocity convention as training); the student sees the prompt only, so the guidance the teacher's samples
   carry is distilled in, and true CFG is off at inference;
+- a dev-style start (`init_from` a guidance-distilled student of this teacher): the student keeps its guidance
+  embedder and runs at `student_guidance` (default: the teacher's true_cfg_scale, the CFG of its pairs), so it
+  starts from one-forward CFG instead of the CFG-free teacher; the export takes that guidance as its default;
 - a deeper student (`student_single_blocks`): more single-stream blocks after the start point's, their gates zero so
   the student starts as its start point; more capacity per step, at more cost per step;
 - noise levels: any of the trainer's densities (U-shaped in the recipe), or `student_schedule`: only the levels the
@@ -41,12 +44,15 @@ def pseudo_huber_per_row(pred: torch.Tensor, target: torch.Tensor, c: float) -> 
 
 
 def student_start(folder: str, teacher: nn.Module) -> nn.Module:
-    """The transformer of an earlier student's folder, which must have the teacher's shapes (one error if not)."""
+    """The transformer of an earlier student's folder, which must have the teacher's shapes (one error if not), a
+    guidance embedder aside: a guidance-distilled (dev-style) student of this teacher may start a reflow too."""
     from ..pipelines import FluxPipeline
 
     start = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32).transformer
     want, got = teacher.state_dict(), start.state_dict()
-    bad = sorted(k for k in want.keys() | got.keys() if k not in want or k not in got or want[k].shape != got[k].shape)
+    extra = "guidance_in." if start.config.guidance_embed and not teacher.config.guidance_embed else None
+    bad = sorted(k for k in want.keys() | got.keys() if not (extra and k.startswith(extra) and k not in want)
+                 and (k not in want or k not in got or want[k].shape != got[k].shape))
     if bad:
         raise ValueError(f"init_from {folder}: its transformer differs from the teacher's at {len(bad)} tensors "
                          f"(first: {', '.join(bad[:3])}); start from a student of this teacher")
@@ -117,11 +123,26 @@ class ReflowTask(nn.Module):
         with torch.no_grad():
             txt, pooled, txt_ids = self.pipe.encode_prompt([self.prompts[i] for i in idx.tolist()],
                                                            max_sequence_length=self.cfg.max_sequence_length)
-        pred = self.student(noised(x, z, sigma), self.img_ids, txt, txt_ids, sigma, pooled)
+        pred = self.student(noised(x, z, sigma), self.img_ids, txt, txt_ids, sigma, pooled, self.guidance(len(idx)))
         return pseudo_huber_per_row(pred, velocity_target(x, z), self.cfg.huber_c), {}
 
+    @property
+    def student_guidance(self) -> float | None:
+        """The guidance a dev-style student (one with a guidance embedder) is run at: the config's, else the
+        teacher's true_cfg_scale, the CFG its pairs were sampled with; None for a CFG-free student."""
+        if not self.student.config.guidance_embed:
+            return None
+        g = self.cfg.student_guidance
+        return float(self.pipe.defaults.true_cfg_scale) if g is None else g
+
+    def guidance(self, n: int) -> torch.Tensor | None:
+        g = self.student_guidance
+        return None if g is None else torch.full((n,), g, device=self.device)
+
     def student_defaults(self) -> dict:
-        return {"num_inference_steps": self.cfg.student_steps, "true_cfg_scale": 1.0, "guidance_scale": 0.0}
+        g = self.student_guidance
+        return {"num_inference_steps": self.cfg.student_steps, "true_cfg_scale": 1.0,
+                "guidance_scale": 0.0 if g is None else g}
 
     @torch.no_grad()
     def sample_grid(self, student: nn.Module, step: int):
@@ -138,7 +159,8 @@ class ReflowTask(nn.Module):
         pipe.schedule = self.student_schedule  # as exported
         pipe.set_progress_bar_config(disable=True)
         for n in sorted({1, 2, self.cfg.student_steps}):
-            rows += pipe(prompts, generator=gens(), num_inference_steps=n, true_cfg_scale=1.0).images
+            rows += pipe(prompts, generator=gens(), num_inference_steps=n, true_cfg_scale=1.0,
+                         guidance_scale=self.student_defaults()["guidance_scale"]).images
         student.train(was)
         return grid(rows, columns=len(prompts))
 
