@@ -145,9 +145,8 @@ class AdversarialTask(ReflowTask):
         idx, sigma = rows["idx"], rows["sigma"].to(self.device)
         adv_sigma, adv_noise = rows["adv_sigma"].to(self.device), rows["adv_noise"].to(self.device)
         z, x = self.noise[idx].to(self.device), self.sample[idx].to(self.device)
+        prompt = self.prompt_embeddings(idx)
         with torch.no_grad():
-            prompt = self.pipe.encode_prompt([self.prompts[i] for i in idx.tolist()],
-                                             max_sequence_length=cfg.max_sequence_length)
             real_feats, real_vec = self.features(x, adv_sigma, adv_noise, prompt)
         x_s = self.simulate(z, sigma, prompt) if cfg.backward_simulation else noised(x, z, sigma)
         pred = self.student(x_s, self.img_ids, prompt[0], prompt[2], sigma, prompt[1], self.guidance(len(idx)))
@@ -172,12 +171,7 @@ class AdversarialTask(ReflowTask):
                         d_acc=((p["real"][:, on] > 0).float().mean() + (p["fake"][:, on] < 0).float().mean()).item() / 2)
         return on.float() * (p["disc"] + self.cfg.adv_weight * p["gen"]) + self.cfg.reg_weight * p["reg"], logs
 
-    def export(self, student: nn.Module, folder) -> None:
-        from .distill import export_student
-
-        export_student(self.cfg.teacher, student, folder, self.student_defaults(),
-                       {"method": "adversarial", "num_pairs": self.cfg.num_pairs, "adv_weight": self.cfg.adv_weight,
-                        "reg_weight": self.cfg.reg_weight, "adv_min_level": self.cfg.adv_min_level,
-                        "backward_simulation": self.cfg.backward_simulation},
-                       {"shift": self.student_schedule.shift,
-                        "use_dynamic_shifting": self.student_schedule.use_dynamic_shifting})
+    def about(self) -> dict:
+        c = self.cfg
+        return {**super().about(), "adv_weight": c.adv_weight, "reg_weight": c.reg_weight,
+                "adv_min_level": c.adv_min_level, "backward_simulation": c.backward_simulation}

@@ -49,10 +49,9 @@ def student_start(folder: str, teacher: nn.Module) -> nn.Module:
     from ..pipelines import FluxPipeline
 
     start = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32).transformer
-    want, got = teacher.state_dict(), start.state_dict()
-    extra = "guidance_in." if start.config.guidance_embed and not teacher.config.guidance_embed else None
-    bad = sorted(k for k in want.keys() | got.keys() if not (extra and k.startswith(extra) and k not in want)
-                 and (k not in want or k not in got or want[k].shape != got[k].shape))
+    want = teacher.state_dict()
+    got = {k: v for k, v in start.state_dict().items() if k in want or not k.startswith("guidance_in.")}
+    bad = sorted(k for k in want.keys() | got.keys() if k not in want or k not in got or want[k].shape != got[k].shape)
     if bad:
         raise ValueError(f"init_from {folder}: its transformer differs from the teacher's at {len(bad)} tensors "
                          f"(first: {', '.join(bad[:3])}); start from a student of this teacher")
@@ -120,11 +119,15 @@ class ReflowTask(nn.Module):
     def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
         idx, sigma = rows["idx"], rows["sigma"].to(self.device)
         z, x = self.noise[idx].to(self.device), self.sample[idx].to(self.device)
-        with torch.no_grad():
-            txt, pooled, txt_ids = self.pipe.encode_prompt([self.prompts[i] for i in idx.tolist()],
-                                                           max_sequence_length=self.cfg.max_sequence_length)
+        txt, pooled, txt_ids = self.prompt_embeddings(idx)
         pred = self.student(noised(x, z, sigma), self.img_ids, txt, txt_ids, sigma, pooled, self.guidance(len(idx)))
         return pseudo_huber_per_row(pred, velocity_target(x, z), self.cfg.huber_c), {}
+
+    @torch.no_grad()
+    def prompt_embeddings(self, idx: torch.Tensor) -> tuple:
+        """(txt, pooled, txt_ids) of the pairs' prompts at `idx`, from the frozen text encoders."""
+        return self.pipe.encode_prompt([self.prompts[i] for i in idx.tolist()],
+                                       max_sequence_length=self.cfg.max_sequence_length)
 
     @property
     def student_guidance(self) -> float | None:
@@ -164,9 +167,12 @@ class ReflowTask(nn.Module):
         student.train(was)
         return grid(rows, columns=len(prompts))
 
+    def about(self) -> dict:
+        """What the export records of how it was made (`_fluxion_distilled`)."""
+        return {"method": self.cfg.method, "num_pairs": self.cfg.num_pairs}
+
     def export(self, student: nn.Module, folder: Path) -> None:
         """The teacher's folder with the student transformer, schnell-style defaults and the student's shift."""
-        export_student(self.cfg.teacher, student, folder, self.student_defaults(),
-                       {"method": "reflow", "num_pairs": self.cfg.num_pairs},
+        export_student(self.cfg.teacher, student, folder, self.student_defaults(), self.about(),
                        {"shift": self.student_schedule.shift,
                         "use_dynamic_shifting": self.student_schedule.use_dynamic_shifting})
