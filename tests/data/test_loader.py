@@ -13,3 +13,13 @@ def test_workers_render_the_same_batches_as_the_main_process():
         assert images.dtype == np.uint8 and images.std() > 0
         np.testing.assert_array_equal(images, want_images)
         assert captions == want_captions
+
+
+def test_workers_render_the_mix_they_are_given():
+    mix = (0.0, 1.0, 0.0)  # counts only
+    ahead = BatchSource(seed=3, stop=4, batch_size=6, workers=1, kind_probs=mix)
+    for step in [1, 2]:
+        images, captions = ahead(step)
+        want_images, want_captions = make_batch(3, step, 6, paraphrase=True, kind_probs=mix)
+        np.testing.assert_array_equal(images, want_images)
+        assert captions == want_captions and captions != make_batch(3, step, 6, paraphrase=True)[1]

@@ -201,6 +201,26 @@ def test_training_sampler_covers_every_canonical_form() -> None:
     assert abs(bg_named / total - 0.70) < 0.05
 
 
+def test_kind_probs_sets_the_training_mix() -> None:
+    kinds = Counter(parse_caption(c).kind for step in range(20)
+                    for c in make_batch(3, step, 50, kind_probs=(0.1, 0.5, 0.4))[1])
+    total = sum(kinds.values())
+    assert abs(kinds["single"] / total - 0.1) < 0.04
+    assert abs(kinds["count"] / total - 0.5) < 0.05
+    assert abs(kinds["relation"] / total - 0.4) < 0.05
+    # Only the kind draw moves: the default mix, passed explicitly, is the default stream bit for bit.
+    a_img, a_cap = make_batch(4, 2, 8)
+    b_img, b_cap = make_batch(4, 2, 8, kind_probs=S.KIND_PROBS)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap
+    assert make_batch(4, 2, 8, kind_probs=(0.0, 0.0, 1.0))[1] != a_cap
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.5), (0.5, 0.6, -0.1), (0.2, 0.2, 0.2), "0.4,0.25,0.35", (True, 0, 0)])
+def test_bad_kind_probs_are_refused_by_name(bad) -> None:
+    with pytest.raises(ValueError, match="kind_probs must be three shares"):
+        S.check_kind_probs(bad)
+
+
 def test_parse_caption_round_trip_and_paraphrases() -> None:
     rng = np.random.default_rng(0)
     paraphrased = set()

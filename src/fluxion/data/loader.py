@@ -6,22 +6,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .shapes import make_batch
+from .shapes import KIND_PROBS, make_batch
 
 
 class _Batches(Dataset):
     """Item k is training step `start + k`'s batch: make_batch keys every image on (seed, step, i), so the workers
     produce exactly what the main process would and a resumed run sees the same data."""
 
-    def __init__(self, seed: int, start: int, stop: int, batch_size: int, paraphrase: bool):
+    def __init__(self, seed: int, start: int, stop: int, batch_size: int, paraphrase: bool, kind_probs: tuple):
         self.seed, self.start, self.stop, self.batch_size, self.paraphrase = seed, start, stop, batch_size, paraphrase
+        self.kind_probs = kind_probs
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
     def __getitem__(self, k: int):
         step = self.start + k
-        images, captions = make_batch(self.seed, step, self.batch_size, paraphrase=self.paraphrase)
+        images, captions = make_batch(self.seed, step, self.batch_size, paraphrase=self.paraphrase,
+                                      kind_probs=self.kind_probs)
         return step, torch.from_numpy(images), captions
 
 
@@ -29,18 +31,20 @@ class BatchSource:
     """`source(step)` -> (uint8 images [B, H, W, 3] as numpy, captions). With workers > 0 the batches of the steps
     after the first one asked for are rendered ahead, in order; asking out of order falls back to rendering."""
 
-    def __init__(self, seed: int, stop: int, batch_size: int, workers: int = 0, paraphrase: bool = True):
+    def __init__(self, seed: int, stop: int, batch_size: int, workers: int = 0, paraphrase: bool = True,
+                 kind_probs: tuple = KIND_PROBS):
         self.seed, self.stop, self.batch_size, self.workers, self.paraphrase = seed, stop, batch_size, workers, paraphrase
+        self.kind_probs = tuple(kind_probs)
         self._ahead = None
 
     def _start(self, step: int):
-        loader = DataLoader(_Batches(self.seed, step, self.stop, self.batch_size, self.paraphrase), batch_size=None,
-                            num_workers=self.workers, prefetch_factor=4, persistent_workers=False)
+        loader = DataLoader(_Batches(self.seed, step, self.stop, self.batch_size, self.paraphrase, self.kind_probs),
+                            batch_size=None, num_workers=self.workers, prefetch_factor=4, persistent_workers=False)
         return iter(loader)
 
     def __call__(self, step: int) -> tuple[np.ndarray, list[str]]:
         if self.workers <= 0 or step >= self.stop:
-            return make_batch(self.seed, step, self.batch_size, paraphrase=self.paraphrase)
+            return make_batch(self.seed, step, self.batch_size, paraphrase=self.paraphrase, kind_probs=self.kind_probs)
         if self._ahead is None:
             self._ahead = self._start(step)
         got = next(self._ahead, None)

@@ -313,14 +313,25 @@ def _pairs_for(holdout: Holdout) -> tuple[tuple[str, str], ...]:
     return {"exclude": TRAIN_PAIRS, "only": HELDOUT_PAIRS, "include": ALL_PAIRS}[holdout]
 
 
-def sample_spec(rng: np.random.Generator, holdout: Holdout = "exclude") -> Spec:
+def check_kind_probs(kind_probs: Sequence[float]) -> tuple[float, float, float]:
+    """The training mix as three non-negative shares of (single, count, relation) summing to 1, or one ValueError."""
+    probs = tuple(kind_probs) if isinstance(kind_probs, (list, tuple)) else ()
+    if (len(probs) != 3 or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1
+                                   for p in probs) or abs(sum(probs) - 1) > 1e-6):
+        raise ValueError(f"kind_probs must be three shares of (single, count, relation) scenes in [0, 1] summing "
+                         f"to 1, e.g. {list(KIND_PROBS)}; got {kind_probs!r}")
+    return tuple(float(p) for p in probs)
+
+
+def sample_spec(rng: np.random.Generator, holdout: Holdout = "exclude",
+                kind_probs: tuple[float, float, float] = KIND_PROBS) -> Spec:
     """A fully specified spec (size for single scenes, background always) from the training mix.
 
     ``holdout``: "exclude" never uses a held-out pair; "only" always uses at least one;
-    "include" draws from all pairs.
+    "include" draws from all pairs. ``kind_probs``: the shares of single, count and relation scenes.
     """
     u = rng.random()
-    kind = "single" if u < KIND_PROBS[0] else "count" if u < KIND_PROBS[0] + KIND_PROBS[1] else "relation"
+    kind = "single" if u < kind_probs[0] else "count" if u < kind_probs[0] + kind_probs[1] else "relation"
     background = _choice(rng, tuple(BACKGROUNDS))
     pairs = _pairs_for(holdout)
     if kind == "single":
@@ -419,8 +430,9 @@ def scene_from_spec(spec: Spec, rng: np.random.Generator) -> Scene:
     return Scene(background, (a, b), "relation", spec.relation)
 
 
-def sample_scene(rng: np.random.Generator, holdout: Holdout = "exclude") -> Scene:
-    return scene_from_spec(sample_spec(rng, holdout), rng)
+def sample_scene(rng: np.random.Generator, holdout: Holdout = "exclude",
+                 kind_probs: tuple[float, float, float] = KIND_PROBS) -> Scene:
+    return scene_from_spec(sample_spec(rng, holdout, kind_probs), rng)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -468,6 +480,7 @@ def make_batch(
     image_size: int = CANVAS,
     paraphrase: bool = True,
     holdout: Holdout = "exclude",
+    kind_probs: tuple[float, float, float] = KIND_PROBS,
 ) -> tuple[np.ndarray, list[str]]:
     """Deterministic batch ``index`` of stream ``seed``: uint8 images [n, H, W, 3] and captions.
 
@@ -478,7 +491,7 @@ def make_batch(
     captions: list[str] = []
     for i in range(n):
         rng = _item_rng(seed, index, i)
-        scene = sample_scene(rng, holdout)
+        scene = sample_scene(rng, holdout, kind_probs)
         images[i] = np.asarray(render(scene, image_size))
         captions.append(caption(scene, rng, paraphrase=paraphrase))
     return images, captions

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data.shapes import KIND_PROBS, check_kind_probs
 from ..files import read_text
 from ..flow import SIGMA_DENSITIES
 
@@ -68,6 +69,7 @@ class TrainConfig:
     export: str | None = None  # where to write the diffusers-layout model at the end
     init_from: str | None = None  # a trained model folder to start the transformer and text encoders from
     text_role_weight: float = 0.0  # weight of the text encoder's word-role loss (fluxion.data.shapes.word_roles)
+    kind_probs: tuple = KIND_PROBS  # training mix: shares of single, count and relation scenes
 
     def __post_init__(self):
         if type(self) is TrainConfig and self.kind not in ("autoencoder", "flux"):  # subclasses check their own
@@ -79,6 +81,7 @@ class TrainConfig:
         if not (self.bf16 in (True, False) or isinstance(self.bf16, str) and self.bf16.lower() == "auto"):
             raise ValueError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         self.betas = tuple(self.betas)
+        self.kind_probs = check_kind_probs(self.kind_probs)
         self.lr = float(self.lr)
         self.kl_weight = float(self.kl_weight)
         check_numbers(self, positive=("lr", "grad_clip", "logit_std"),
