@@ -74,16 +74,30 @@ def test_the_game_is_played_only_on_rows_at_or_above_adv_min_level(task):
 
     rows = task.batch(5, step_generator(0, 5))
     rows["sigma"] = torch.tensor([1.0, 0.9, 0.75, 0.5])
+    seen = []  # the teacher's batch size at each call: the rows below the level must not be run through it
+    hook = task.teacher.img_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     was = task.cfg
     try:
         task.cfg = dataclasses.replace(was, adv_min_level=0.9, adv_weight=0.5, reg_weight=2.0)
         with torch.no_grad():
             loss, _ = task(rows)
             p = task.parts(rows)
+        assert seen[:2] == [2, 2] and seen[2:] == [4, 4]  # real and fake: 2 rows playing; then parts() on all 4
+        # No row playing (here: the level above them all): the heads still run, on an empty batch, so each of
+        # their weights gets a gradient (of zero) and DDP without find_unused_parameters sees every one used.
+        task.cfg = dataclasses.replace(was, adv_min_level=1.0)
+        rows["sigma"] = torch.tensor([0.9, 0.75, 0.5, 0.9])
+        task.zero_grad(set_to_none=True)
+        none_loss, logs = task(rows)
+        none_loss.mean().backward()
     finally:
         task.cfg = was
+        hook.remove()
     torch.testing.assert_close(loss[2:], 2.0 * p["reg"][2:])  # below the level: the regression alone
     torch.testing.assert_close(loss[:2], p["disc"][:2] + 0.5 * p["gen"][:2] + 2.0 * p["reg"][:2])
+    assert "d" not in logs and all(h.grad is not None and h.grad.abs().sum() == 0 for h in task.heads.parameters())
+    assert any(s.grad is not None and s.grad.abs().sum() > 0 for s in task.student.parameters())
+    task.zero_grad(set_to_none=True)
 
 
 def test_backward_simulation_feeds_each_row_the_students_own_steps_from_the_pairs_noise(task):

@@ -137,39 +137,49 @@ class AdversarialTask(ReflowTask):
         return [functional_call(head, {k: v.detach() for k, v in head.named_parameters()}, (f, vec))
                 for head, f in zip(self.heads, feats)]
 
-    def parts(self, rows: dict) -> dict[str, torch.Tensor]:
+    def parts(self, rows: dict, play: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The objective's three per-row parts: `disc` (the heads' hinge loss; gradient to the heads only), `gen`
         (the student's adversarial loss -D(fake); to the student only) and `reg` (reflow's regression), with the
-        logits `real` and `fake` for logging."""
+        logits `real` and `fake` ([heads, playing rows]) for logging. The game (teacher and heads) runs only on the
+        rows in the boolean mask `play` (default: all); the others get 0 for `disc` and `gen`. With none playing
+        the heads still run on an empty batch, so every weight has a (zero) gradient, as DDP wants of each step."""
         cfg = self.cfg
         idx, sigma = rows["idx"], rows["sigma"].to(self.device)
         adv_sigma, adv_noise = rows["adv_sigma"].to(self.device), rows["adv_noise"].to(self.device)
         z, x = self.noise[idx].to(self.device), self.sample[idx].to(self.device)
         prompt = self.prompt_embeddings(idx)
-        with torch.no_grad():
-            real_feats, real_vec = self.features(x, adv_sigma, adv_noise, prompt)
         x_s = self.simulate(z, sigma, prompt) if cfg.backward_simulation else noised(x, z, sigma)
         pred = self.student(x_s, self.img_ids, prompt[0], prompt[2], sigma, prompt[1], self.guidance(len(idx)))
         x_hat = x_s.float() - sigma[:, None, None] * pred.float()  # the student's clean latent in one step
-        fake_feats, fake_vec = self.features(x_hat, adv_sigma, adv_noise, prompt)  # differentiable in x_hat
+        on = torch.arange(len(idx), device=self.device)
+        if play is not None:
+            on = on[play.to(self.device)]
+        game = (prompt[0][on], prompt[1][on], prompt[2])
+        with torch.no_grad():
+            real_feats, real_vec = self.features(x[on], adv_sigma[on], adv_noise[on], game)
+        fake_feats, fake_vec = self.features(x_hat[on], adv_sigma[on], adv_noise[on], game)  # differentiable in x_hat
         real = self.judge(real_feats, real_vec)
         fake_heads = self.judge([f.detach() for f in fake_feats], fake_vec)  # gradient to the heads only
         fake_student = self.judge(fake_feats, fake_vec, frozen=True)  # gradient to the student only
-        return {"disc": hinge_per_row(real, fake_heads), "gen": -torch.stack([f.mean(1) for f in fake_student]).mean(0),
+        def every_row(values):  # the playing rows' values in place, 0 elsewhere (differentiable)
+            return sigma.new_zeros(len(idx)).index_put((on,), values.float())
+
+        return {"disc": every_row(hinge_per_row(real, fake_heads)),
+                "gen": every_row(-torch.stack([f.mean(1) for f in fake_student]).mean(0)),
                 "reg": pseudo_huber_per_row(pred, (x_s.float() - x) / sigma[:, None, None], cfg.huber_c),
                 "real": torch.stack([r.mean(1) for r in real]).detach(),
                 "fake": torch.stack([f.mean(1) for f in fake_heads]).detach()}
 
     def forward(self, rows: dict) -> tuple[torch.Tensor, dict]:
-        p = self.parts(rows)
         # the adversarial game only on rows whose student level is at least adv_min_level: below it the pair's
         # line already fixes the layout, the one-step sample is near the teacher's, and a "fake" label is noise
-        on = rows["sigma"].to(p["disc"].device) >= self.cfg.adv_min_level
+        on = rows["sigma"].to(self.device) >= self.cfg.adv_min_level
+        p = self.parts(rows, play=on)
         logs = {"reg": p["reg"].mean().item()}
         if on.any():  # the game's figures over the rows that play it
             logs.update(d=p["disc"][on].mean().item(), g=p["gen"][on].mean().item(),
-                        d_acc=((p["real"][:, on] > 0).float().mean() + (p["fake"][:, on] < 0).float().mean()).item() / 2)
-        return on.float() * (p["disc"] + self.cfg.adv_weight * p["gen"]) + self.cfg.reg_weight * p["reg"], logs
+                        d_acc=((p["real"] > 0).float().mean() + (p["fake"] < 0).float().mean()).item() / 2)
+        return p["disc"] + self.cfg.adv_weight * p["gen"] + self.cfg.reg_weight * p["reg"], logs
 
     def about(self) -> dict:
         c = self.cfg
