@@ -14,7 +14,7 @@ MINI = Path(__file__).resolve().parents[1] / "models" / "fluxion-mini"
 EASY = [  # (prompt, seed): canonical prompts the shipped model gets right in `fluxion eval` (see README)
     ("a yellow square on a white background", 1002),
     ("a small red circle on a black background", 1004),
-    ("three blue triangles on a gray background", 1072),
+    ("three red triangles on a gray background", 1124),
     ("a green circle right of an orange triangle on a black background", 1167),
     ("a purple circle above a blue triangle on a gray background", 1137),
     ("a green square on a white background", 1199),  # a held-out colour-shape pair, green on white
