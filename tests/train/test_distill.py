@@ -92,3 +92,10 @@ def test_distillation_lowers_its_loss_and_exports_a_dev_style_model(tmp_path):
     from diffusers import FluxPipeline as DiffusersFlux  # the export is a dev-style folder diffusers loads
     ref = DiffusersFlux.from_pretrained(tmp_path / "student")
     assert ref.transformer.config.guidance_embeds
+
+
+def test_the_training_mix_reaches_the_distillation_batches(tmp_path):
+    from fluxion.data.shapes import parse_caption
+    counts_only = GuidanceDistillTask(config(tmp_path, kind_probs=[0.0, 1.0, 0.0]))
+    _, captions = counts_only.batches(0)
+    assert {parse_caption(c).kind for c in captions} == {"count"}

@@ -133,3 +133,11 @@ def test_held_out_examples_keep_the_layout_and_change_every_colour():
             assert len({o.color for o in new.objects}) > 1
     scene = examples[0][0]
     assert recolour(scene, np.random.default_rng(1)).objects[0].color != scene.objects[0].color
+
+
+def test_the_training_mix_reaches_the_controlnet_batches(tmp_path):
+    from fluxion.data.shapes import parse_caption
+    from fluxion.train.trainer import make_task
+    relations_only = make_task(cfg_for(tmp_path, kind_probs=[0.0, 0.0, 1.0], batch_size=8))  # by chance: 0.35**8
+    _, captions = relations_only.batches(0)
+    assert {parse_caption(c).kind for c in captions} == {"relation"}
