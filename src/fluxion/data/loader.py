@@ -37,6 +37,11 @@ class BatchSource:
         self.kind_probs = tuple(kind_probs)
         self._ahead = None
 
+    @classmethod
+    def for_run(cls, cfg, paraphrase: bool = True) -> "BatchSource":
+        """The batches of a training run's config (seed, steps, batch_size, data_workers and kind_probs, the mix)."""
+        return cls(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase, cfg.kind_probs)
+
     def _start(self, step: int):
         loader = DataLoader(_Batches(self.seed, step, self.stop, self.batch_size, self.paraphrase, self.kind_probs),
                             batch_size=None, num_workers=self.workers, prefetch_factor=4, persistent_workers=False)

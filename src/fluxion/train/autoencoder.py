@@ -35,7 +35,7 @@ class AutoencoderTask(torch.nn.Module):
         self.model.to(self.device)
         f = self.model.downsample_factor
         self.latent = self.model.config.z_channels, CANVAS // f, CANVAS // f
-        self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=False)
+        self.batches = BatchSource.for_run(cfg, paraphrase=False)
 
     def ema_module(self) -> torch.nn.Module:
         return self.model

@@ -69,7 +69,7 @@ class TrainConfig:
     export: str | None = None  # where to write the diffusers-layout model at the end
     init_from: str | None = None  # a trained model folder to start the transformer and text encoders from
     text_role_weight: float = 0.0  # weight of the text encoder's word-role loss (fluxion.data.shapes.word_roles)
-    kind_probs: tuple = KIND_PROBS  # training mix (flux, controlnet, guidance distillation): single, count, relation shares
+    kind_probs: tuple = KIND_PROBS  # shapes-world training mix: single, count, relation shares
 
     def __post_init__(self):
         if type(self) is TrainConfig and self.kind not in ("autoencoder", "flux"):  # subclasses check their own

@@ -163,8 +163,7 @@ class ControlNetTask(nn.Module):
         self.img_ids = image_ids(lat, lat, self.device)
         self.latent = self.vae.config.z_channels, lat, lat
         self.tokens = (lat // 2) ** 2, 4 * self.vae.config.z_channels
-        self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=True,
-                                   kind_probs=cfg.kind_probs)
+        self.batches = BatchSource.for_run(cfg)
 
     def ema_module(self) -> nn.Module:
         return self.net

@@ -86,8 +86,7 @@ class GuidanceDistillTask(nn.Module):
         lat = self.side // pipe.vae_scale_factor
         self.img_ids = image_ids(lat, lat, self.device)
         self.tokens = (lat // 2) ** 2, self.teacher.config.in_channels
-        self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=True,
-                                   kind_probs=cfg.kind_probs)
+        self.batches = BatchSource.for_run(cfg)
 
     def ema_module(self) -> nn.Module:
         return self.student

@@ -112,8 +112,7 @@ class FluxTask(nn.Module):
         self.tokens = (side // 2) ** 2, 4 * vae.config.z_channels
         self.img_ids = image_ids(side, side, self.device)
         self.txt_ids = text_ids(cfg.max_sequence_length, self.device)
-        self.batches = BatchSource(cfg.seed, cfg.steps, cfg.batch_size, cfg.data_workers, paraphrase=True,
-                                   kind_probs=cfg.kind_probs)
+        self.batches = BatchSource.for_run(cfg)
 
     def ema_module(self) -> nn.Module:
         return self.model
