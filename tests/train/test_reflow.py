@@ -131,7 +131,8 @@ def test_init_from_starts_the_student_from_an_earlier_student(tmp_path):
 
 def test_a_deeper_student_starts_as_its_start_point_and_then_learns_with_its_new_blocks(tmp_path):
     from fluxion.flow import image_ids
-    from fluxion.train.reflow import ReflowTask, deepened
+    from fluxion.train.deepen import deepened
+    from fluxion.train.reflow import ReflowTask
 
     task = ReflowTask(config(tmp_path, student_single_blocks=6))
     teacher, student = task.pipe.transformer, task.student
@@ -146,7 +147,7 @@ def test_a_deeper_student_starts_as_its_start_point_and_then_learns_with_its_new
     loss.mean().backward()
     new_gate = student.single_blocks[5].modulation.lin.weight.grad[2 * student.config.hidden_size:]
     assert new_gate.abs().sum() > 0  # the new blocks' gates get gradient: they start to contribute
-    with pytest.raises(ValueError, match="student_single_blocks must be at least the start point's 4, got 3"):
+    with pytest.raises(ValueError, match="depth_single_blocks must be at least the start point's 4, got 3"):
         deepened(teacher, 3)
     shallow = config(tmp_path / "shallow", student_single_blocks=3)
     with pytest.raises(ValueError, match="student_single_blocks must be at least the start point's 4, got 3"):

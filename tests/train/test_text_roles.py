@@ -102,6 +102,26 @@ def test_init_from_with_other_shapes_names_them(tmp_path, tiny_vae):  # noqa: F8
         TrainConfig(kind="flux", output="x", vae_path="v", init_from=str(tmp_path))
 
 
+def test_init_from_with_more_single_blocks_grows_the_trained_model(tmp_path, tiny_vae):  # noqa: F811
+    first = flux_config(tmp_path / "a", tiny_vae, steps=3, lr=3e-2, export=str(tmp_path / "a" / "export"))
+    train(first)
+    trained = make_task(flux_config(tmp_path / "b", tiny_vae, init_from=str(tmp_path / "a" / "export")))
+    deeper = make_task(flux_config(tmp_path / "c", tiny_vae, init_from=str(tmp_path / "a" / "export"),
+                                   transformer={**first.transformer, "depth_single_blocks": 3}))
+    assert len(deeper.model["transformer"].single_blocks) == 3
+    batch = trained.batch(0, step_generator(0, 0))
+    with torch.no_grad():  # the new blocks' zero gates: the grown model computes what the trained one does
+        torch.testing.assert_close(deeper(batch)[0], trained(batch)[0], rtol=0, atol=1e-5)
+    deeper(batch)[0].mean().backward()
+    hidden = first.transformer["hidden_size"]
+    gate = deeper.model["transformer"].single_blocks[2].modulation.lin.weight.grad[2 * hidden:]
+    assert gate.abs().sum() > 0  # and they learn from the first step
+    shallower = flux_config(tmp_path / "d", tiny_vae, init_from=str(tmp_path / "a" / "export"),
+                            transformer={**first.transformer, "depth_single_blocks": 0})
+    with pytest.raises(ValueError, match="shapes differ from the trained model's"):
+        make_task(shallower)
+
+
 def test_ema_of_tied_text_embeddings_checkpoints_and_resumes(tmp_path, tiny_vae):  # noqa: F811
     """T5's shared embedding is also its encoder's embed_tokens: the EMA copy must save it once and load it back."""
     train(flux_config(tmp_path, tiny_vae, steps=3, ema_decay=0.9))

@@ -21,6 +21,7 @@ from ..pipelines import FluxPipeline, PipelineDefaults
 from ..flow import SCHNELL_SCHEDULE, flow_loss_per_row, image_ids, noised, pack, sample_sigmas, text_ids, velocity_target
 from ..images import grid, images_to_tensor
 from .config import TrainConfig
+from .deepen import deepened
 
 SCHEDULER_CONFIG = {  # schnell-style: no resolution shift (the mini model works at one size)
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -212,16 +213,23 @@ class FluxTask(nn.Module):
 
 def load_trained_(model: nn.ModuleDict, folder: str) -> None:
     """Start from a trained model folder (diffusers layout, e.g. models/fluxion-mini): its transformer and both
-    text encoders, which must have the shapes this config builds; one error names every mismatch."""
+    text encoders, which must have the shapes this config builds; one error names every mismatch. A config with
+    more single-stream blocks than the trained transformer grows it: the new blocks start with zero gates
+    (`deepen.deepened`), so training starts from the trained model's outputs."""
     from ..pipelines import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    trained = {"transformer": pipe.transformer, "t5": pipe.t5.model, "clip": pipe.clip.model}
+    transformer = pipe.transformer
+    want_single = model["transformer"].config.depth_single_blocks
+    if transformer.config.depth_single_blocks < want_single:
+        transformer = deepened(transformer, want_single)
+    trained = {"transformer": transformer, "t5": pipe.t5.model, "clip": pipe.clip.model}
     bad = []
     for name, src in trained.items():
         want = model[name].state_dict()
         got = src.state_dict()
-        bad += [f"{name}.{k}" for k in want if k not in got or got[k].shape != want[k].shape]
+        bad += [f"{name}.{k}" for k in sorted(want.keys() | got.keys())
+                if k not in got or k not in want or got[k].shape != want[k].shape]
     if bad:
         raise ValueError(f"init_from {folder}: the config's shapes differ from the trained model's at {len(bad)} "
                          f"tensors (first: {', '.join(bad[:3])}); set transformer/t5/clip as the model was trained")

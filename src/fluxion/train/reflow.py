@@ -32,8 +32,9 @@ from torch import nn
 from ..data.pairs import generate_pairs, load_pairs
 from ..flow import ScheduleConfig, get_schedule, image_ids, noised, sample_sigmas, velocity_target
 from ..images import grid
-from ..model.transformer import FluxConfig, FluxTransformer
+from ..model.transformer import FluxTransformer
 from .config import DistillConfig
+from .deepen import deepened
 from .distill import export_student, frozen_pipeline
 
 
@@ -58,23 +59,6 @@ def student_start(folder: str, teacher: nn.Module) -> nn.Module:
     return start
 
 
-def deepened(start: FluxTransformer, single_blocks: int) -> FluxTransformer:
-    """`start` with single-stream blocks appended up to `single_blocks`, each with a zero gate (its modulation's
-    gate rows), so it adds nothing until trained: the deeper model computes exactly what `start` does."""
-    have = start.config.depth_single_blocks
-    if single_blocks < have:
-        raise ValueError(f"student_single_blocks must be at least the start point's {have}, got {single_blocks}")
-    deep = FluxTransformer(FluxConfig(**{**start.config.to_dict(), "depth_single_blocks": single_blocks}))
-    missing, unexpected = deep.load_state_dict(start.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("single_blocks.") for k in missing), (missing, unexpected)
-    dim = deep.config.hidden_size
-    with torch.no_grad():
-        for block in deep.single_blocks[have:]:
-            block.modulation.lin.weight[2 * dim:].zero_()  # (shift, scale, gate): the gate's rows
-            block.modulation.lin.bias[2 * dim:].zero_()
-    return deep.float()
-
-
 class ReflowTask(nn.Module):
     def __init__(self, cfg: DistillConfig, device: torch.device | str = "cpu"):
         from accelerate import PartialState
@@ -86,7 +70,7 @@ class ReflowTask(nn.Module):
         # the student's start point first: a wrong init_from or depth fails before an hour of teacher pairs
         start = pipe.transformer if cfg.init_from is None else student_start(cfg.init_from, pipe.transformer)
         if cfg.student_single_blocks is not None:
-            start = deepened(start, cfg.student_single_blocks)
+            start = deepened(start, cfg.student_single_blocks, "student_single_blocks")
         with PartialState().main_process_first():  # the main process makes the pairs; the others find them made
             generate_pairs(pipe, cfg.pairs_dir, cfg.num_pairs, seed=cfg.seed, batch=cfg.pair_batch)
         self.noise, self.sample, self.prompts = load_pairs(cfg.pairs_dir, cfg.num_pairs)
