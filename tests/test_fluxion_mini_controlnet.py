@@ -13,7 +13,7 @@ from fluxion.train.controlnet import edge_maps, edges_to_images, heldout_example
 ROOT = Path(__file__).resolve().parents[1]
 NET = ROOT / "models" / "fluxion-mini-controlnet-canny"
 MINI = ROOT / "models" / "fluxion-mini"
-PASSING = [0, 1, 2, 3, 4, 6, 7]  # of bench/controlnet_mini.py's first 8 cases (the README's picture); 5 fails
+PASSING = list(range(8))  # bench/controlnet_mini.py's first 8 cases (the README's picture) all pass on the shipped base
 
 
 @pytest.fixture(scope="module")
