@@ -32,7 +32,6 @@ from torch import nn
 from ..data.pairs import generate_pairs, load_pairs
 from ..flow import ScheduleConfig, get_schedule, image_ids, noised, sample_sigmas, velocity_target
 from ..images import grid
-from ..model.transformer import FluxTransformer
 from .config import DistillConfig
 from .deepen import deepened
 from .distill import export_student, frozen_pipeline
