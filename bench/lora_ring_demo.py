@@ -13,8 +13,8 @@ its loss is the adapter's deviation from the base model alone. Noise levels are 
 images + 8 regularisation images per step (a CPU runs a batch of 16 for little more than a batch of 1), rank 16,
 lr 2e-3, 4500 steps, bf16 mixed precision, on the text side of the transformer (`text_side_targets`: the double
 blocks' text stream and the single blocks; `--targets recipe` for diffusers' default layers). The adapter is
-evaluated at weight 0.85 (`--adapter-weight`, diffusers' `set_adapters`): at weight 1 it draws rings every
-time but costs the eval more (README). `--class-source model` uses the base model's own images as class
+evaluated at weight 0.9 (`--adapter-weight`, diffusers' `set_adapters`; 0.85 on the models before the third
+cycle): at weight 1 it draws rings every time but costs the eval more (README). `--class-source model` uses the base model's own images as class
 images instead (DreamBooth's way). A ring counts when the largest region of the asked colour is round, big
 enough, and encloses a hole.
 
@@ -223,7 +223,7 @@ def main() -> int:
     parser.add_argument("--targets", choices=["recipe", "wide", "text-side"], default="text-side",
                         help="recipe: diffusers' DreamBooth-LoRA layers; wide: also the single blocks' MLP and "
                              "output, and every block's modulation; text-side: `text_side_targets`")
-    parser.add_argument("--adapter-weight", type=float, default=0.85,
+    parser.add_argument("--adapter-weight", type=float, default=0.9,
                         help="the adapter's weight when evaluating (set_adapters)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for data, adapter and results")
     parser.add_argument("--no-circle-class", dest="circles", action="store_false",
