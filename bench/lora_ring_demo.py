@@ -14,8 +14,8 @@ images + 8 regularisation images per step (a CPU runs a batch of 16 for little m
 lr 2e-3, 4500 steps, bf16 mixed precision, on the text side of the transformer (`text_side_targets`: the double
 blocks' text stream and the single blocks; `--targets recipe` for diffusers' default layers). The adapter is
 evaluated at weight 0.9 (`--adapter-weight`, diffusers' `set_adapters`; 0.85 on the models before the third
-cycle): at weight 1 it draws rings every time but costs the eval more (README). `--class-source model` uses the base model's own images as class
-images instead (DreamBooth's way). A ring counts when the largest region of the asked colour is round, big
+cycle): at weight 1 it draws rings every time but costs the eval more (README). `--class-source model` uses the
+base model's own images as class images instead (DreamBooth's way). A ring counts when the largest region of the asked colour is round, big
 enough, and encloses a hole.
 
 Reports: training time, how often `a COLOR sks` draws a ring of that colour (50 seeded tries), and the base
