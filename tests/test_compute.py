@@ -56,7 +56,9 @@ def test_probe_follows_the_environment_overrides(monkeypatch):
 
 def test_onednn_cap_really_makes_bf16_slow_and_int8_inexact():
     """The override the probe honours is the one that changes torch: under ONEDNN_MAX_CPU_ISA=AVX2 a bf16 matmul
-    runs several times slower than float32 (~40x measured), and torch._int_mm loses its exactness."""
+    runs several times slower than float32 (~40x measured), and on a CPU with VNNI torch._int_mm loses its
+    exactness. A CPU without VNNI may still be exact (a 2-core EPYC with AVX2 only was, under torch 2.13): there
+    the probe must stay on the safe side and report it inexact."""
     script = textwrap.dedent("""
         import torch
         from fluxion import compute
@@ -64,13 +66,16 @@ def test_onednn_cap_really_makes_bf16_slow_and_int8_inexact():
         a = torch.randint(-127, 128, (64, 256), dtype=torch.int8); b = torch.randint(-127, 128, (256, 32), dtype=torch.int8)
         wrong = int((torch._int_mm(a, b).long() - a.long() @ b.long()).abs().max())
         ratio = compute.matmul_gflops(torch.float32, 256, 0.2) / compute.matmul_gflops(torch.bfloat16, 256, 0.2)
-        print(ratio, wrong, compute.cpu_info().fast(torch.bfloat16)[0], compute.cpu_info().exact_int8_matmul)
+        vnni = bool({"avx512_vnni", "avx_vnni"} & compute.cpu_info().flags)
+        print(ratio, wrong, compute.cpu_info().fast(torch.bfloat16)[0], compute.cpu_info().exact_int8_matmul, vnni)
     """)
     env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    ratio, wrong, fast, exact = out.stdout.split()
+    ratio, wrong, fast, exact, vnni = out.stdout.split()
     assert float(ratio) > 5, out.stdout
-    assert int(wrong) > 0 and fast == "False" and exact == "False", out.stdout
+    assert fast == "False" and exact == "False", out.stdout
+    if vnni == "True":  # the cap is what takes the VNNI dot products away
+        assert int(wrong) > 0, out.stdout
 
 
 def test_plan_upcasts_low_precision_only_where_it_is_slow(cpu, monkeypatch):

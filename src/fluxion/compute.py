@@ -65,7 +65,9 @@ class CPUInfo:
     @property
     def exact_int8_matmul(self) -> bool:
         """Whether torch._int_mm is exact here. It needs VNNI dot products: without them oneDNN falls back to
-        pairwise u8*s8 products summed in saturating int16 (measured: errors of 6e4 on random int8 inputs)."""
+        pairwise u8*s8 products summed in saturating int16 (measured: errors of 6e4 on random int8 inputs on a
+        Zen 4 capped at AVX2). A CPU with AVX2 and no VNNI at all was exact under torch 2.13
+        (tests/test_compute.py), so on such CPUs this answer is on the safe side rather than measured."""
         if not self.torch_capability.upper().startswith(("AVX512", "AVX2")):
             return False
         return ("avx512_vnni" in self.flags and self._onednn_allows("AVX512_CORE_VNNI")) or (
