@@ -161,8 +161,8 @@ def test_training_teaches_the_heads_faster_and_exports_a_schnell_style_student(t
 
     # the student held by its regression alone and judged from noise 1 (its blurriest), re-noised lightly: a task
     # the heads can learn in a few steps
-    cfg = config(tmp_path, steps=60, batch_size=8, disc_lr_scale=20.0, adv_weight=0.0, student_steps=1,
-                 adv_noise_mean=-1.0, checkpoint_every=60, export=str(tmp_path / "student"))
+    cfg = config(tmp_path, steps=30, batch_size=8, disc_lr_scale=20.0, adv_weight=0.0, student_steps=1,
+                 adv_noise_mean=-1.0, checkpoint_every=30, export=str(tmp_path / "student"))
     task = AdversarialTask(cfg)
 
     def hinge() -> float:  # the heads' loss on batches the run never draws
@@ -175,7 +175,7 @@ def test_training_teaches_the_heads_faster_and_exports_a_schnell_style_student(t
     state = load_checkpoint(cfg.run_dir / CHECKPOINT)
     task.load_state_dict(state["model"], strict=False)
     after = hinge()
-    # the untrained heads score about 0 everywhere (hinge 2); measured 2.08 -> 1.50 (float32, AVX-512 machine)
+    # the untrained heads score about 0 everywhere (hinge 2); measured 2.22 -> 0.73 after 30 steps (float32, AVX-512)
     assert after < 0.9 * before, (before, after)
     groups = {g["lr_scale"]: g for g in state["info"]["param_groups"]}
     assert set(groups) == {1.0, 20.0}
