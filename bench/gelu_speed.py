@@ -7,6 +7,7 @@ the chain up to a million elements. This script times torch's kernel and the cha
 the size) at fluxion-mini's activation shapes and at a full-size FLUX block's, on the threads given.
     .venv/bin/python bench/gelu_speed.py                 # 1 thread
     .venv/bin/python bench/gelu_speed.py --threads 2
+    .venv/bin/python bench/gelu_speed.py --threads 2 --end-to-end   # also one fluxion-mini image, both ways
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def per_call(fn, x: torch.Tensor, budget_s: float = 1.0) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--end-to-end", action="store_true", help="also time one fluxion-mini image (28 steps, CFG)")
+    p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     info = cpu_info()
@@ -55,6 +58,33 @@ def main() -> None:
             diff = (chain(x) - F.gelu(x, approximate="tanh")).abs().max().item()
         print(f"| {name} | {ref * 1e6:.0f} µs | {erf * 1e6:.0f} µs | {ours * 1e6:.0f} µs | {ref / ours:.2f}× | "
               f"{diff:.1e} |")
+    if args.end_to_end:
+        end_to_end(args.repeats)
+
+
+def end_to_end(repeats: int) -> None:
+    """One 128×128 fluxion-mini image at its defaults, with torch's kernel and with tanh_gelu, alternating."""
+    import statistics
+
+    from fluxion import FluxPipeline
+    from fluxion.model import layers
+
+    pipe = FluxPipeline.from_pretrained(layers.__file__.rsplit("/src/", 1)[0] + "/models/fluxion-mini")
+    pipe.set_progress_bar_config(disable=True)
+    ours = layers.TanhGELU.forward
+    ways = {"torch's kernel": lambda self, x: F.gelu(x, approximate="tanh"), "tanh_gelu": ours}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for i in range(repeats + 1):
+        for name, forward in ways.items():
+            layers.TanhGELU.forward = forward
+            start = time.perf_counter()
+            pipe("two red squares on a white background", generator=torch.Generator().manual_seed(i))
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    layers.TanhGELU.forward = ours
+    a, b = (statistics.median(t) for t in times.values())
+    print(f"\none fluxion-mini image (median of {repeats}): torch's kernel {a:.4f} s, tanh_gelu {b:.4f} s, "
+          f"{a / b:.3f}×")
 
 
 if __name__ == "__main__":

@@ -190,11 +190,13 @@ def tanh_gelu(x: Tensor) -> Tensor:
     c = sqrt(2/pi), since 0.5(1 + tanh(z)) = sigmoid(2z).
 
     Decision: for activations up to a million elements without autograd, one new tensor and four in-place
-    elementwise ops. torch 2.13's CPU kernel for `F.gelu(approximate="tanh")` is about twice as slow at
-    fluxion-mini's shapes, where the MLP activations take a tenth of a step; at full FLUX size the tensor leaves
-    the cache and five passes over memory lose to torch's one. `bench/gelu_speed.py` times both on the machine
-    at hand; they agree to float32 rounding. Rejected: the erf GELU, faster still but another function than the
-    checkpoints learned. Under autograd the chain would overwrite what sigmoid's backward needs.
+    elementwise ops. torch 2.13's CPU kernel for `F.gelu(approximate="tanh")` takes 1.4-2.3x as long at
+    fluxion-mini's shapes, most on AVX2; at full FLUX size the tensor leaves the cache and five passes over
+    memory lose to torch's one. End to end it pays where torch runs at AVX2 capability (a few percent of a
+    fluxion-mini image, where its 0.5 s target has least room) and is level on AVX-512. `bench/gelu_speed.py
+    [--end-to-end]` times both on the machine at hand; they agree to float32 rounding. Rejected: the erf GELU,
+    faster still but another function than the checkpoints learned. Under autograd the chain would overwrite
+    what sigmoid's backward needs.
     """
     if x.numel() > _GELU_CHAIN_MAX or (torch.is_grad_enabled() and x.requires_grad):
         return F.gelu(x, approximate="tanh")
