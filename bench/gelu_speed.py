@@ -2,7 +2,7 @@
 
 FLUX's MLPs use GELU with the tanh approximation. On CPU torch's kernel for it runs several times slower than its
 erf GELU; a chain of in-place elementwise ops computes the same function (to float32 rounding) about twice as
-fast on small activations, and loses on large ones (the chain passes over memory five times), so tanh_gelu takes
+fast on small activations, and loses on large ones (the chain passes over memory six times), so tanh_gelu takes
 the chain up to a million elements. This script times torch's kernel and the chain (called directly, whatever
 the size) at fluxion-mini's activation shapes and at a full-size FLUX block's, on the threads given.
     .venv/bin/python bench/gelu_speed.py                 # 1 thread
@@ -68,20 +68,23 @@ def end_to_end(repeats: int) -> None:
 
     from fluxion import FluxPipeline
     from fluxion.model import layers
+    from fluxion.pipelines.base import default_model_dir
 
-    pipe = FluxPipeline.from_pretrained(layers.__file__.rsplit("/src/", 1)[0] + "/models/fluxion-mini")
+    pipe = FluxPipeline.from_pretrained(default_model_dir())
     pipe.set_progress_bar_config(disable=True)
     ours = layers.TanhGELU.forward
     ways = {"torch's kernel": lambda self, x: F.gelu(x, approximate="tanh"), "tanh_gelu": ours}
     times: dict[str, list[float]] = {k: [] for k in ways}
-    for i in range(repeats + 1):
-        for name, forward in ways.items():
-            layers.TanhGELU.forward = forward
-            start = time.perf_counter()
-            pipe("two red squares on a white background", generator=torch.Generator().manual_seed(i))
-            if i:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
-    layers.TanhGELU.forward = ours
+    try:
+        for i in range(repeats + 1):
+            for name, forward in ways.items():
+                layers.TanhGELU.forward = forward
+                start = time.perf_counter()
+                pipe("two red squares on a white background", generator=torch.Generator().manual_seed(i))
+                if i:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        layers.TanhGELU.forward = ours
     a, b = (statistics.median(t) for t in times.values())
     print(f"\none fluxion-mini image (median of {repeats}): torch's kernel {a:.4f} s, tanh_gelu {b:.4f} s, "
           f"{a / b:.3f}×")

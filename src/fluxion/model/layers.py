@@ -189,9 +189,9 @@ def tanh_gelu(x: Tensor) -> Tensor:
     """GELU with the tanh approximation (what FLUX's MLPs were trained with), as x·sigmoid(2c(x + 0.044715x³)),
     c = sqrt(2/pi), since 0.5(1 + tanh(z)) = sigmoid(2z).
 
-    Decision: for activations up to a million elements without autograd, one new tensor and four in-place
+    Decision: for activations up to a million elements without autograd, one new tensor and five in-place
     elementwise ops. torch 2.13's CPU kernel for `F.gelu(approximate="tanh")` takes 1.4-2.3x as long at
-    fluxion-mini's shapes, most on AVX2; at full FLUX size the tensor leaves the cache and five passes over
+    fluxion-mini's shapes, most on AVX2; at full FLUX size the tensor leaves the cache and six passes over
     memory lose to torch's one. End to end it pays where torch runs at AVX2 capability (a few percent of a
     fluxion-mini image, where its 0.5 s target has least room) and is level on AVX-512. `bench/gelu_speed.py
     [--end-to-end]` times both on the machine at hand; they agree to float32 rounding. Rejected: the erf GELU,
