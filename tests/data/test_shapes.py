@@ -256,3 +256,23 @@ def test_caption_articles_and_examples() -> None:
     for bad in ("a pink circle", "four red squares", "a red circle near a blue square", ""):
         with pytest.raises(ValueError):
             parse_caption(bad)
+
+
+def test_shape_only_captions_leave_out_the_colour_of_single_and_count_scenes() -> None:
+    n = 400
+    _, full = make_batch(21, 0, n, paraphrase=True)
+    _, none = make_batch(21, 0, n, paraphrase=True, shape_only=0.0)
+    assert none == full  # at 0 the stream is the one runs before shape_only drew
+    _, half = make_batch(21, 0, n, paraphrase=True, shape_only=0.5)
+    colour = re.compile(r"\b(" + "|".join(S.COLORS) + r")\b")
+    world = ShapesWorld(seed=21)
+    kinds = [world.scene(0, i).kind for i in range(n)]
+    relation = [c for c, k in zip(half, kinds) if k == "relation"]
+    others = [c for c, k in zip(half, kinds) if k != "relation"]
+    assert relation and all(len(colour.findall(c)) == 2 for c in relation)  # relations always name both colours
+    colourless = [c for c in others if not colour.search(c)]
+    assert 0.35 < len(colourless) / len(others) < 0.65, (len(colourless), len(others))
+    for c in colourless:  # the shape is still named: "a large square", "3 triangles on grey"
+        assert re.search(r"\b(circle|square|triangle)s?\b", c), c
+    with pytest.raises(ValueError, match="name_color=False is for single and count captions"):
+        S.format_spec(S.Spec("relation", ("red", "blue"), ("circle", "square"), 2, "above"), name_color=False)

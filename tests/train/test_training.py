@@ -117,16 +117,22 @@ def test_bad_config_is_rejected_before_training(tmp_path):
     mix.write_text("kind: flux\noutput: x\nvae_path: v\n")
     with pytest.raises(ValueError, match=r"kind_probs must be three shares.*summing to 1"):
         load_config(str(mix), ["kind_probs=[0.5, 0.6, 0.2]"])
+    with pytest.raises(ValueError, match=r"shape_only_captions must be a chance in \[0, 1\].*got 1.5"):
+        load_config(str(mix), ["shape_only_captions=1.5"])
     with pytest.raises(ValueError, match="until=0: the step to stop at must be a positive"):
         train(ae_config(tmp_path, steps=2), until=0)
     assert not (tmp_path / "ae").exists()
 
 
 def test_the_training_mix_reaches_the_batches(tmp_path, tiny_vae):
-    from fluxion.data.shapes import parse_caption
+    from fluxion.data.shapes import COLORS, parse_caption
     task = make_task(flux_config(tmp_path, tiny_vae, kind_probs=[0.0, 1.0, 0.0], caption_dropout=0.0))
     rows = task.batch(0, step_generator(0, 0))
     assert {parse_caption(c).kind for c in rows["captions"]} == {"count"}
+    colourless = make_task(flux_config(tmp_path / "b", tiny_vae, kind_probs=[0.0, 1.0, 0.0], caption_dropout=0.0,
+                                       shape_only_captions=1.0))
+    captions = colourless.batch(0, step_generator(0, 0))["captions"]
+    assert captions and not any(colour in c for c in captions for colour in COLORS), captions
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_zero(tmp_path):

@@ -63,6 +63,7 @@ KIND_PROBS: tuple[float, float, float] = (0.40, 0.25, 0.35)
 P_MENTION_BACKGROUND = 0.70
 P_MENTION_SIZE = 0.70
 P_CANONICAL_WORD = 0.5  # when paraphrasing, chance each phrase keeps its canonical wording
+# Shape-only captions ("a square", "three triangles") are off by default; see ``caption``'s ``shape_only``.
 
 Holdout = Literal["exclude", "only", "include"]
 HOLDOUT_MODES: tuple[str, ...] = ("exclude", "only", "include")
@@ -146,15 +147,19 @@ def _pick(options: Sequence[str], rng: Optional[np.random.Generator]) -> str:
     return options[int(rng.integers(1, len(options)))]
 
 
-def format_spec(spec: Spec, rng: Optional[np.random.Generator] = None) -> str:
-    """Text for ``spec``: canonical when ``rng`` is None, otherwise with random paraphrase words."""
+def format_spec(spec: Spec, rng: Optional[np.random.Generator] = None, name_color: bool = True) -> str:
+    """Text for ``spec``: canonical when ``rng`` is None, otherwise with random paraphrase words.
+    ``name_color=False`` leaves out the colour of a single or count caption ("a large square")."""
+    if not name_color and spec.kind == "relation":
+        raise ValueError("name_color=False is for single and count captions; a relation names both colours")
+    color = [spec.colors[0]] if name_color else []
     if spec.kind == "single":
-        words = [spec.colors[0], spec.shapes[0]]
+        words = color + [spec.shapes[0]]
         if spec.size is not None:
             words.insert(0, _pick(_SIZE_WORDS[spec.size], rng))
         text = _with_article(" ".join(words))
     elif spec.kind == "count":
-        text = f"{_pick(_COUNT_VARIANTS[spec.count], rng)} {spec.colors[0]} {_PLURAL[spec.shapes[0]]}"
+        text = " ".join([_pick(_COUNT_VARIANTS[spec.count], rng)] + color + [_PLURAL[spec.shapes[0]]])
     elif spec.kind == "relation":
         a = _with_article(f"{spec.colors[0]} {spec.shapes[0]}")
         b = _with_article(f"{spec.colors[1]} {spec.shapes[1]}")
@@ -182,9 +187,15 @@ def scene_spec(scene: Scene) -> Spec:
     )
 
 
-def caption(scene: Scene, rng: Optional[np.random.Generator] = None, paraphrase: bool = False) -> str:
+def caption(scene: Scene, rng: Optional[np.random.Generator] = None, paraphrase: bool = False,
+            shape_only: float = 0.0) -> str:
     """Canonical, fully specified caption; with ``paraphrase`` (needs ``rng``) optional parts may
-    be dropped (background ~30%, size ~30%) and phrases reworded."""
+    be dropped (background ~30%, size ~30%) and phrases reworded.
+
+    ``shape_only`` (paraphrase only): the chance that a single or count caption leaves out the colour ("three
+    squares"). Such captions tie a shape word to its shape whatever the colour, which is what a held-out pair
+    ("a green square", never drawn in training) asks of the model; full captions bind colour and shape together.
+    At 0 no extra number is drawn, so the streams of runs without it are unchanged."""
     spec = scene_spec(scene)
     if not paraphrase:
         return format_spec(spec)
@@ -192,6 +203,7 @@ def caption(scene: Scene, rng: Optional[np.random.Generator] = None, paraphrase:
         raise ValueError("paraphrase=True needs an rng")
     drop_bg = rng.random() >= P_MENTION_BACKGROUND
     drop_size = rng.random() >= P_MENTION_SIZE
+    drop_color = shape_only > 0 and spec.kind != "relation" and rng.random() < shape_only
     spec = Spec(
         spec.kind,
         spec.colors,
@@ -201,7 +213,7 @@ def caption(scene: Scene, rng: Optional[np.random.Generator] = None, paraphrase:
         None if drop_size else spec.size,
         None if drop_bg else spec.background,
     )
-    return format_spec(spec, rng)
+    return format_spec(spec, rng, name_color=not drop_color)
 
 
 # Parser: accepts canonical captions and the paraphrase vocabulary above.
@@ -481,8 +493,10 @@ def make_batch(
     paraphrase: bool = True,
     holdout: Holdout = "exclude",
     kind_probs: tuple[float, float, float] = KIND_PROBS,
+    shape_only: float = 0.0,
 ) -> tuple[np.ndarray, list[str]]:
-    """Deterministic batch ``index`` of stream ``seed``: uint8 images [n, H, W, 3] and captions.
+    """Deterministic batch ``index`` of stream ``seed``: uint8 images [n, H, W, 3] and captions
+    (``shape_only``: see :func:`caption`).
 
     Item ``i`` depends only on (seed, index, i), so a prefix of a bigger batch equals the
     smaller batch and a run can resume at any step.
@@ -493,7 +507,7 @@ def make_batch(
         rng = _item_rng(seed, index, i)
         scene = sample_scene(rng, holdout, kind_probs)
         images[i] = np.asarray(render(scene, image_size))
-        captions.append(caption(scene, rng, paraphrase=paraphrase))
+        captions.append(caption(scene, rng, paraphrase=paraphrase, shape_only=shape_only))
     return images, captions
 
 

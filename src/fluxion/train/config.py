@@ -70,6 +70,7 @@ class TrainConfig:
     init_from: str | None = None  # a trained model folder to start the transformer and text encoders from
     text_role_weight: float = 0.0  # weight of the text encoder's word-role loss (fluxion.data.shapes.word_roles)
     kind_probs: tuple = KIND_PROBS  # shapes-world training mix: single, count, relation shares
+    shape_only_captions: float = 0.0  # chance a single/count caption leaves out the colour (fluxion.data.shapes.caption)
 
     def __post_init__(self):
         if type(self) is TrainConfig and self.kind not in ("autoencoder", "flux"):  # subclasses check their own
@@ -82,6 +83,11 @@ class TrainConfig:
             raise ValueError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         self.betas = tuple(self.betas)
         self.kind_probs = check_kind_probs(self.kind_probs)
+        if not (isinstance(self.shape_only_captions, (int, float)) and not isinstance(self.shape_only_captions, bool)
+                and 0 <= self.shape_only_captions <= 1):
+            raise ValueError(f"shape_only_captions must be a chance in [0, 1] (e.g. 0.25), got "
+                             f"{self.shape_only_captions!r}")
+        self.shape_only_captions = float(self.shape_only_captions)
         self.lr = float(self.lr)
         self.kl_weight = float(self.kl_weight)
         check_numbers(self, positive=("lr", "grad_clip", "logit_std"),
