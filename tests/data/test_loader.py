@@ -26,8 +26,9 @@ def test_workers_render_the_mix_they_are_given():
 
 
 def test_workers_render_shape_only_captions_they_are_asked_for():
-    ahead = BatchSource(seed=3, stop=4, batch_size=12, workers=1, shape_only=0.5)
+    ahead = BatchSource(seed=3, stop=4, batch_size=12, workers=1, shape_only=0.5, off_palette=1.0)
     images, captions = ahead(1)
-    want_images, want_captions = make_batch(3, 1, 12, paraphrase=True, shape_only=0.5)
+    want_images, want_captions = make_batch(3, 1, 12, paraphrase=True, shape_only=0.5, off_palette=1.0)
     np.testing.assert_array_equal(images, want_images)
     assert captions == want_captions and captions != make_batch(3, 1, 12, paraphrase=True)[1]
+    assert not np.array_equal(images, make_batch(3, 1, 12, paraphrase=True, shape_only=0.5)[0])

@@ -276,3 +276,40 @@ def test_shape_only_captions_leave_out_the_colour_of_single_and_count_scenes() -
         assert re.search(r"\b(circle|square|triangle)s?\b", c), c
     with pytest.raises(ValueError, match="name_color=False is for single and count captions"):
         S.format_spec(S.Spec("relation", ("red", "blue"), ("circle", "square"), 2, "above"), name_color=False)
+
+
+def test_off_palette_scenes_keep_their_captions_and_never_draw_a_named_or_held_out_colour() -> None:
+    from fluxion.eval.scorer import COLOR_THRESHOLD
+    n = 300
+    images0, captions0 = make_batch(22, 0, n, paraphrase=True, shape_only=0.5)
+    images, captions = make_batch(22, 0, n, paraphrase=True, shape_only=0.5, off_palette=1.0)
+    assert captions == captions0  # recolouring draws after the caption: the words are the same
+    world = ShapesWorld(seed=22)
+    named = np.array(list(S.COLORS.values()) + list(S.BACKGROUNDS.values()), np.float32)
+    colour = re.compile(r"\b(" + "|".join(S.COLORS) + r")\b")
+    recoloured = 0
+    for i, text in enumerate(captions):
+        scene = world.scene(0, i)
+        o = scene.objects[0]
+        x0, y0, x1, y1 = o.bbox
+        centre = images[i, (y0 + y1) // 2 + (o.side // 4 if o.shape == "triangle" else 0), (x0 + x1) // 2]
+        if scene.kind == "relation" or colour.search(text):  # colour named: drawn exactly as before
+            np.testing.assert_array_equal(images[i], images0[i])
+            continue
+        recoloured += 1
+        distance = np.linalg.norm(named - centre.astype(np.float32), axis=1)
+        assert distance.min() > COLOR_THRESHOLD, (text, centre)  # the scorer never reads it as a named colour
+        nearest = (list(S.COLORS) + list(S.BACKGROUNDS))[int(distance.argmin())]
+        assert (nearest, o.shape) not in S.HELDOUT, (text, centre)
+    assert recoloured > 40
+    # Every recoloured object of a count scene shares one colour, and relation scenes refuse.
+    rng = np.random.default_rng(0)
+    count = S.scene_from_spec(S.Spec("count", ("red",), ("square",), 3), rng)
+    again = S.recolor_off_palette(count, rng)
+    assert len({o.color for o in again.objects}) == 1 and again.objects[0].color.startswith("#")
+    assert [o.bbox for o in again.objects] == [o.bbox for o in count.objects]
+    relation = S.scene_from_spec(S.Spec("relation", ("red", "blue"), ("circle", "square"), 2, "above"), rng)
+    with pytest.raises(ValueError, match="for single and count scenes"):
+        S.recolor_off_palette(relation, rng)
+    with pytest.raises(ValueError, match="unknown colour 'pink'"):
+        S.render(S.Scene("white", (S.ShapeObject("pink", "square", "small", 64, 64, 30),), "single"))

@@ -119,6 +119,10 @@ def test_bad_config_is_rejected_before_training(tmp_path):
         load_config(str(mix), ["kind_probs=[0.5, 0.6, 0.2]"])
     with pytest.raises(ValueError, match=r"shape_only_captions must be a chance in \[0, 1\].*got 1.5"):
         load_config(str(mix), ["shape_only_captions=1.5"])
+    with pytest.raises(ValueError, match=r"off_palette_shapes must be a chance in \[0, 1\].*got -0.5"):
+        load_config(str(mix), ["shape_only_captions=0.25", "off_palette_shapes=-0.5"])
+    with pytest.raises(ValueError, match="off_palette_shapes .* needs shape_only_captions > 0"):
+        load_config(str(mix), ["off_palette_shapes=0.5"])
     with pytest.raises(ValueError, match="until=0: the step to stop at must be a positive"):
         train(ae_config(tmp_path, steps=2), until=0)
     assert not (tmp_path / "ae").exists()
@@ -133,6 +137,9 @@ def test_the_training_mix_reaches_the_batches(tmp_path, tiny_vae):
                                        shape_only_captions=1.0))
     captions = colourless.batch(0, step_generator(0, 0))["captions"]
     assert captions and not any(colour in c for c in captions for colour in COLORS), captions
+    from fluxion.data.loader import BatchSource
+    recoloured = flux_config(tmp_path / "c", tiny_vae, shape_only_captions=0.5, off_palette_shapes=0.75)
+    assert BatchSource.for_run(recoloured).off_palette == 0.75
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_zero(tmp_path):

@@ -64,6 +64,9 @@ P_MENTION_BACKGROUND = 0.70
 P_MENTION_SIZE = 0.70
 P_CANONICAL_WORD = 0.5  # when paraphrasing, chance each phrase keeps its canonical wording
 # Shape-only captions ("a square", "three triangles") are off by default; see ``caption``'s ``shape_only``.
+# An off-palette colour keeps at least this RGB distance from every palette and background colour: beyond the
+# scorer's 70 (fluxion.eval.scorer.COLOR_THRESHOLD), so no such object is ever read as a named colour.
+OFF_PALETTE_MIN_DISTANCE = 80.0
 
 Holdout = Literal["exclude", "only", "include"]
 HOLDOUT_MODES: tuple[str, ...] = ("exclude", "only", "include")
@@ -463,7 +466,7 @@ def render(scene: Scene, size: int = CANVAS, supersample: int = 4) -> Image.Imag
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         x0, y0, x1, y1 = o.bbox
-        fill = COLORS[o.color]
+        fill = COLORS[o.color] if o.color in COLORS else _hex_rgb(o.color)
         # PIL boxes are inclusive of the last pixel, hence the -1.
         X0, Y0, X1, Y1 = x0 * k, y0 * k, x1 * k - 1, y1 * k - 1
         if o.shape == "square":
@@ -475,6 +478,38 @@ def render(scene: Scene, size: int = CANVAS, supersample: int = 4) -> Image.Imag
         else:
             raise ValueError(f"unknown shape {o.shape!r}")
     return img.reduce(ss) if ss > 1 else img
+
+
+def _hex_rgb(color: str) -> tuple[int, int, int]:
+    if not re.fullmatch(r"#[0-9a-f]{6}", color):
+        raise ValueError(f"unknown colour {color!r}: a palette name ({', '.join(COLORS)}) or '#rrggbb'")
+    return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)
+
+
+def off_palette_color(rng: np.random.Generator, shape: str) -> str:
+    """A random '#rrggbb' at least OFF_PALETTE_MIN_DISTANCE from every palette and background colour, whose
+    nearest palette colour is not one held out for ``shape`` (no near-green square, say)."""
+    palette = np.array(list(COLORS.values()), np.float32)
+    others = np.array(list(BACKGROUNDS.values()), np.float32)
+    names = tuple(COLORS)
+    while True:
+        rgb = rng.integers(0, 256, size=3)
+        d = np.linalg.norm(palette - rgb, axis=1)
+        if d.min() < OFF_PALETTE_MIN_DISTANCE or np.linalg.norm(others - rgb, axis=1).min() < OFF_PALETTE_MIN_DISTANCE:
+            continue
+        if (names[int(d.argmin())], shape) in HELDOUT:
+            continue
+        return "#" + "".join(f"{int(v):02x}" for v in rgb)
+
+
+def recolor_off_palette(scene: Scene, rng: np.random.Generator) -> Scene:
+    """``scene`` (single or count) with its objects in one off-palette colour: for shape-only captions, which
+    name no colour, so the model sees each shape in many colours without ever seeing a held-out pair."""
+    if scene.kind == "relation":
+        raise ValueError("recolor_off_palette is for single and count scenes; a relation caption names both colours")
+    color = off_palette_color(rng, scene.objects[0].shape)
+    objs = tuple(ShapeObject(color, o.shape, o.size_name, o.cx, o.cy, o.side) for o in scene.objects)
+    return Scene(scene.background, objs, scene.kind, scene.relation)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -494,9 +529,11 @@ def make_batch(
     holdout: Holdout = "exclude",
     kind_probs: tuple[float, float, float] = KIND_PROBS,
     shape_only: float = 0.0,
+    off_palette: float = 0.0,
 ) -> tuple[np.ndarray, list[str]]:
     """Deterministic batch ``index`` of stream ``seed``: uint8 images [n, H, W, 3] and captions
-    (``shape_only``: see :func:`caption`).
+    (``shape_only``: see :func:`caption`; ``off_palette``: the chance that a scene whose caption names no colour
+    is drawn in an off-palette colour, :func:`recolor_off_palette`; at 0 no extra number is drawn).
 
     Item ``i`` depends only on (seed, index, i), so a prefix of a bigger batch equals the
     smaller batch and a run can resume at any step.
@@ -506,8 +543,12 @@ def make_batch(
     for i in range(n):
         rng = _item_rng(seed, index, i)
         scene = sample_scene(rng, holdout, kind_probs)
+        text = caption(scene, rng, paraphrase=paraphrase, shape_only=shape_only)
+        if (off_palette > 0 and scene.kind != "relation" and scene.objects[0].color not in text.split()
+                and rng.random() < off_palette):
+            scene = recolor_off_palette(scene, rng)
         images[i] = np.asarray(render(scene, image_size))
-        captions.append(caption(scene, rng, paraphrase=paraphrase, shape_only=shape_only))
+        captions.append(text)
     return images, captions
 
 

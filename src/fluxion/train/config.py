@@ -71,6 +71,7 @@ class TrainConfig:
     text_role_weight: float = 0.0  # weight of the text encoder's word-role loss (fluxion.data.shapes.word_roles)
     kind_probs: tuple = KIND_PROBS  # shapes-world training mix: single, count, relation shares
     shape_only_captions: float = 0.0  # chance a single/count caption leaves out the colour (fluxion.data.shapes.caption)
+    off_palette_shapes: float = 0.0  # chance such a scene is drawn in an off-palette colour (shapes.make_batch)
 
     def __post_init__(self):
         if type(self) is TrainConfig and self.kind not in ("autoencoder", "flux"):  # subclasses check their own
@@ -83,11 +84,14 @@ class TrainConfig:
             raise ValueError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         self.betas = tuple(self.betas)
         self.kind_probs = check_kind_probs(self.kind_probs)
-        if not (isinstance(self.shape_only_captions, (int, float)) and not isinstance(self.shape_only_captions, bool)
-                and 0 <= self.shape_only_captions <= 1):
-            raise ValueError(f"shape_only_captions must be a chance in [0, 1] (e.g. 0.25), got "
-                             f"{self.shape_only_captions!r}")
-        self.shape_only_captions = float(self.shape_only_captions)
+        for name, example in (("shape_only_captions", 0.25), ("off_palette_shapes", 0.5)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+                raise ValueError(f"{name} must be a chance in [0, 1] (e.g. {example}), got {value!r}")
+            setattr(self, name, float(value))
+        if self.off_palette_shapes > 0 and self.shape_only_captions == 0:
+            raise ValueError("off_palette_shapes recolours scenes whose caption names no colour, so it needs "
+                             "shape_only_captions > 0 (e.g. 0.25); with none it would do nothing")
         self.lr = float(self.lr)
         self.kl_weight = float(self.kl_weight)
         check_numbers(self, positive=("lr", "grad_clip", "logit_std"),
