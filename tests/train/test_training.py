@@ -139,7 +139,7 @@ def test_the_training_mix_reaches_the_batches(tmp_path, tiny_vae):
     assert captions and not any(colour in c for c in captions for colour in COLORS), captions
     from fluxion.data.loader import BatchSource
     recoloured = flux_config(tmp_path / "c", tiny_vae, shape_only_captions=0.5, off_palette_shapes=0.75)
-    assert BatchSource.for_run(recoloured).off_palette == 0.75
+    assert BatchSource.for_run(recoloured).mix["off_palette"] == 0.75
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_zero(tmp_path):

@@ -67,6 +67,7 @@ P_CANONICAL_WORD = 0.5  # when paraphrasing, chance each phrase keeps its canoni
 # An off-palette colour keeps at least this RGB distance from every palette and background colour: beyond the
 # scorer's 70 (fluxion.eval.scorer.COLOR_THRESHOLD), so no such object is ever read as a named colour.
 OFF_PALETTE_MIN_DISTANCE = 80.0
+_NAMED_RGB = np.array(list(COLORS.values()) + list(BACKGROUNDS.values()), np.float32)  # palette first
 
 Holdout = Literal["exclude", "only", "include"]
 HOLDOUT_MODES: tuple[str, ...] = ("exclude", "only", "include")
@@ -199,9 +200,15 @@ def caption(scene: Scene, rng: Optional[np.random.Generator] = None, paraphrase:
     squares"). Such captions tie a shape word to its shape whatever the colour, which is what a held-out pair
     ("a green square", never drawn in training) asks of the model; full captions bind colour and shape together.
     At 0 no extra number is drawn, so the streams of runs without it are unchanged."""
+    return _caption(scene, rng, paraphrase, shape_only)[0]
+
+
+def _caption(scene: Scene, rng: Optional[np.random.Generator], paraphrase: bool,
+             shape_only: float) -> tuple[str, bool]:
+    """:func:`caption`'s text, and whether it names the colour (make_batch recolours the scenes it does not)."""
     spec = scene_spec(scene)
     if not paraphrase:
-        return format_spec(spec)
+        return format_spec(spec), True
     if rng is None:
         raise ValueError("paraphrase=True needs an rng")
     drop_bg = rng.random() >= P_MENTION_BACKGROUND
@@ -216,7 +223,7 @@ def caption(scene: Scene, rng: Optional[np.random.Generator] = None, paraphrase:
         None if drop_size else spec.size,
         None if drop_bg else spec.background,
     )
-    return format_spec(spec, rng, name_color=not drop_color)
+    return format_spec(spec, rng, name_color=not drop_color), not drop_color
 
 
 # Parser: accepts canonical captions and the paraphrase vocabulary above.
@@ -489,15 +496,11 @@ def _hex_rgb(color: str) -> tuple[int, int, int]:
 def off_palette_color(rng: np.random.Generator, shape: str) -> str:
     """A random '#rrggbb' at least OFF_PALETTE_MIN_DISTANCE from every palette and background colour, whose
     nearest palette colour is not one held out for ``shape`` (no near-green square, say)."""
-    palette = np.array(list(COLORS.values()), np.float32)
-    others = np.array(list(BACKGROUNDS.values()), np.float32)
-    names = tuple(COLORS)
+    palette = tuple(COLORS)
     while True:
         rgb = rng.integers(0, 256, size=3)
-        d = np.linalg.norm(palette - rgb, axis=1)
-        if d.min() < OFF_PALETTE_MIN_DISTANCE or np.linalg.norm(others - rgb, axis=1).min() < OFF_PALETTE_MIN_DISTANCE:
-            continue
-        if (names[int(d.argmin())], shape) in HELDOUT:
+        d = np.linalg.norm(_NAMED_RGB - rgb, axis=1)
+        if d.min() < OFF_PALETTE_MIN_DISTANCE or (palette[int(d[:len(palette)].argmin())], shape) in HELDOUT:
             continue
         return "#" + "".join(f"{int(v):02x}" for v in rgb)
 
@@ -543,9 +546,8 @@ def make_batch(
     for i in range(n):
         rng = _item_rng(seed, index, i)
         scene = sample_scene(rng, holdout, kind_probs)
-        text = caption(scene, rng, paraphrase=paraphrase, shape_only=shape_only)
-        if (off_palette > 0 and scene.kind != "relation" and scene.objects[0].color not in text.split()
-                and rng.random() < off_palette):
+        text, names_color = _caption(scene, rng, paraphrase, shape_only)
+        if off_palette > 0 and not names_color and rng.random() < off_palette:
             scene = recolor_off_palette(scene, rng)
         images[i] = np.asarray(render(scene, image_size))
         captions.append(text)
