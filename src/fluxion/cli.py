@@ -378,9 +378,9 @@ def cmd_eval(args) -> int:
     if args.probe is not None:
         from .eval.probe import run_probe
 
-        if args.steps_sweep is not None or args.quantize or args.cache or args.limit is not None:
+        if args.steps_sweep is not None or args.quantize or args.cache or args.limit is not None or args.seeds != 1:
             raise ValueError("--probe generates its own prompts; it takes --steps, --guidance and --true-cfg, not "
-                             "--steps-sweep, --limit, --quantize or --cache")
+                             "--steps-sweep, --limit, --seeds, --quantize or --cache (--probe-seeds sets its seeds)")
         run_probe(args.probe, args.model, out_dir=args.out, bases=args.probe_bases, seeds=args.probe_seeds,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
         return 0
@@ -389,10 +389,11 @@ def cmd_eval(args) -> int:
             raise ValueError("--steps-sweep sets the steps itself; it takes --guidance and --true-cfg, not --steps, "
                              "--quantize or --cache")
         run_steps_sweep(args.model, parse_steps(args.steps_sweep), out_dir=args.out, limit=args.limit,
-                        guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
+                        seeds=args.seeds, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
         return 0
     run_eval(args.model, out_dir=args.out, limit=args.limit, steps=args.steps, guidance=args.guidance,
-             cache=args.cache, cache_threshold=args.cache_threshold, quantize=args.quantize, true_cfg=args.true_cfg)
+             cache=args.cache, cache_threshold=args.cache_threshold, quantize=args.quantize, true_cfg=args.true_cfg,
+             seeds=args.seeds)
     return 0
 
 
@@ -603,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None)
     e.add_argument("--out", default="out/eval")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    e.add_argument("--seeds", type=int, default=1,
+                   help="noise seeds per prompt (the first is the standard set): N times the images and the time, "
+                        "about 1/sqrt(N) the seed noise, to tell two models apart")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None)
     _add_cache_arguments(e)

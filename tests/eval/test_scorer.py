@@ -206,6 +206,19 @@ def test_eval_set() -> None:
             assert it.kind == spec.kind
 
 
+def test_eval_set_at_several_seeds() -> None:
+    one, three = eval_set(), eval_set(seeds=3)
+    n = len(one)
+    assert len(three) == 3 * n and three[:n] == one  # the first round is the standard set
+    for r in (1, 2):
+        assert [it.prompt for it in three[r * n:(r + 1) * n]] == [it.prompt for it in one]
+        assert [it.seed for it in three[r * n:(r + 1) * n]] == [it.seed + r * 100_000 for it in one]
+    assert len({it.seed for it in three}) == 3 * n
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+            eval_set(seeds=bad)
+
+
 def test_eval_prompts_score_on_matching_renders() -> None:
     results = []
     for it in eval_set():
@@ -230,9 +243,10 @@ def test_accuracy_table_and_format() -> None:
     table = format_table(results)
     lines = table.splitlines()
     assert lines[0].startswith("| kind") and len(lines) == 5
-    assert "| single | 3 | 4 | 75.0% |" in table
-    assert "| heldout | 1 | 3 | 33.3% |" in table
-    assert "| **overall** | 4 | 7 | 57.1% |" in table
+    # the last column is the binomial standard error in points: sqrt(p (1 - p) / n)
+    assert "| single | 3 | 4 | 75.0% | 21.7 |" in table
+    assert "| heldout | 1 | 3 | 33.3% | 27.2 |" in table
+    assert "| **overall** | 4 | 7 | 57.1% | 18.7 |" in table
 
 
 def test_contact_sheet(tmp_path) -> None:

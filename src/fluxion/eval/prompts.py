@@ -27,6 +27,7 @@ from fluxion.data.shapes import (
 EVAL_KINDS: tuple[str, ...] = ("single", "count", "relation", "heldout")
 _PROMPT_RNG_SEED = 20240601  # fixes which prompts are chosen
 _BASE_SEED = 1000  # generation seed of item i is _BASE_SEED + i
+_SEED_ROUND = 100_000  # round r of `eval_set(seeds=...)` adds r * _SEED_ROUND to every seed
 _N_PER_TRAIN_KIND = 66
 _N_HELDOUT_RELATION = 42  # + all 36 single and 24 count held-out prompts = 102
 
@@ -80,9 +81,15 @@ def eval_specs() -> list[tuple[Spec, str]]:
     return out
 
 
-def eval_set() -> list[EvalItem]:
-    """The deterministic evaluation set (300 items, 102 held-out)."""
+def eval_set(seeds: int = 1) -> list[EvalItem]:
+    """The deterministic evaluation set (300 items, 102 held-out), each prompt at ``seeds`` noise seeds: round 0 is
+    the standard set, round r adds r * 100000 to every seed (more seeds narrow the estimate, at seeds times the cost).
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1 (noise seeds per prompt), got {seeds!r}")
+    specs = eval_specs()
     return [
-        EvalItem(format_spec(spec), kind, _BASE_SEED + i, spec.kind)
-        for i, (spec, kind) in enumerate(eval_specs())
+        EvalItem(format_spec(spec), kind, _BASE_SEED + i + r * _SEED_ROUND, spec.kind)
+        for r in range(seeds)
+        for i, (spec, kind) in enumerate(specs)
     ]

@@ -34,11 +34,17 @@ def accuracy_table(results: Results) -> dict[str, float]:
 
 
 def format_table(results: Results) -> str:
-    """Markdown table: kind | correct | total | accuracy, with an overall row."""
-    lines = ["| kind | correct | total | accuracy |", "|---|---:|---:|---:|"]
+    """Markdown table: kind | correct | total | accuracy | standard error, with an overall row.
+
+    The standard error is the binomial one, sqrt(p (1 - p) / n) in points: the noise of a kind's score from which
+    items happened to be drawn, so two models' scores that differ by less than about two of it are not told apart.
+    (With several seeds per prompt the items are not independent in their prompts, so it is then a lower bound.)
+    """
+    lines = ["| kind | correct | total | accuracy | s.e. |", "|---|---:|---:|---:|---:|"]
     for k, (c, n) in _counts(results).items():
         name = f"**{k}**" if k == "overall" else k
-        lines.append(f"| {name} | {c} | {n} | {100 * c / n:.1f}% |")
+        p = c / n
+        lines.append(f"| {name} | {c} | {n} | {100 * p:.1f}% | {100 * (p * (1 - p) / n) ** 0.5:.1f} |")
     return "\n".join(lines)
 
 

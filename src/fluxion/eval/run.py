@@ -25,6 +25,15 @@ def generate_items(pipe, items: list[EvalItem], batch_size: int = 25, **call_kwa
     return images
 
 
+def _items(limit: int | None, seeds: int) -> list[EvalItem]:
+    """The first ``limit`` prompts of the eval set (all when None), each at ``seeds`` noise seeds."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an integer >= 1 (the number of prompts to evaluate), got {limit!r}")
+    items = eval_set(seeds)
+    per_round = len(items) // seeds
+    return [it for i, it in enumerate(items) if limit is None or i % per_round < limit]
+
+
 def time_single_image(pipe, prompt: str, repeats: int = 10, **call_kwargs) -> float:
     """Median seconds for one image, end to end (text encoding, sampling, decoding) with the model loaded."""
     pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **call_kwargs)  # warm-up
@@ -38,16 +47,14 @@ def time_single_image(pipe, prompt: str, repeats: int = 10, **call_kwargs) -> fl
 
 def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | None = None, steps: int | None = None,
              guidance: float | None = None, cache: str | None = None, cache_threshold: float | None = None,
-             quantize: str | None = None, true_cfg: float | None = None) -> dict:
+             quantize: str | None = None, true_cfg: float | None = None, seeds: int = 1) -> dict:
     from ..pipelines import FluxPipeline
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be an integer >= 1 (the number of prompts to evaluate), got {limit!r}")
+    items = _items(limit, seeds)
     pipe = FluxPipeline.from_pretrained(model, quantize=quantize)
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": steps, "guidance_scale": guidance, "cache": cache, "cache_threshold": cache_threshold,
             "true_cfg_scale": true_cfg}
-    items = eval_set()[:limit] if limit is not None else eval_set()
     t0 = time.perf_counter()
     images = generate_items(pipe, items, **call)
     seconds = time.perf_counter() - t0
@@ -56,10 +63,13 @@ def run_eval(model: str | None = None, out_dir: str = "out/eval", limit: int | N
     single = time_single_image(pipe, "a red circle on a white background", **call)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    contact_sheet(images, [it.prompt for it in items], [r.ok for _, r in results], out / "contact_sheet.png")
+    first = len(items) // seeds  # the sheet shows the first seed of each prompt
+    contact_sheet(images[:first], [it.prompt for it in items[:first]], [r.ok for _, r in results[:first]],
+                  out / "contact_sheet.png")
     summary = {
         "model": pipe.model_path,
         "items": len(items),
+        "seeds_per_prompt": seeds,
         "accuracy": accuracy_table(results),
         "seconds_per_image_batched": seconds / len(items),
         "seconds_single_image": single,
@@ -90,16 +100,14 @@ def parse_steps(text: str) -> list[int]:
 
 
 def run_steps_sweep(model: str | None, steps: list[int], out_dir: str = "out/eval", limit: int | None = None,
-                    **settings) -> dict:
+                    seeds: int = 1, **settings) -> dict:
     """Accuracy per kind and seconds per image at each step count, one table (`fluxion eval --steps-sweep`):
     how far a model's quality holds as the steps fall (a distilled model should hold at 1-4)."""
     from ..pipelines import FluxPipeline
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be an integer >= 1 (the number of prompts to evaluate), got {limit!r}")
+    items = _items(limit, seeds)
     pipe = FluxPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    items = eval_set()[:limit] if limit is not None else eval_set()
     rows = []
     for n in steps:
         call = {"num_inference_steps": n, **{k: v for k, v in settings.items() if v is not None}}
@@ -117,12 +125,12 @@ def run_steps_sweep(model: str | None, steps: list[int], out_dir: str = "out/eva
         lines.append(f"| {r['steps']} | " + " | ".join(f"{100 * r['accuracy'][k]:.1f}%" for k in kinds)
                      + f" | {r['seconds_per_image_batched']:.3f} | {r['seconds_single_image']:.3f} |")
     table = "\n".join(lines)
-    summary = {"model": pipe.model_path, "items": len(items), "settings": settings, "sweep": rows,
+    summary = {"model": pipe.model_path, "items": len(items), "seeds_per_prompt": seeds, "settings": settings, "sweep": rows,
                "torch_threads": torch.get_num_threads()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "steps_sweep.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     print(table)
-    print(f"\n{len(items)} prompts; {torch.get_num_threads()} threads; {out / 'steps_sweep.json'}")
+    print(f"\n{len(items)} images ({len(items) // seeds} prompts x {seeds} seeds); {torch.get_num_threads()} threads; {out / 'steps_sweep.json'}")
     return summary
