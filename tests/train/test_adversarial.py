@@ -116,7 +116,8 @@ def test_backward_simulation_feeds_each_row_the_students_own_steps_from_the_pair
         for a, b in zip(levels[:3], levels[1:]):
             v = task.student(here, task.img_ids, prompt[0][3:4], prompt[2], torch.tensor([a]), prompt[1][3:4])
             here = here + (b - a) * v
-    torch.testing.assert_close(got[3:4], here, rtol=0, atol=1e-5)
+    # batch 4 against batch 1: float32 kernels round differently (3e-5 seen); a wrong step moves it by 1e-2
+    torch.testing.assert_close(got[3:4], here, rtol=0, atol=1e-4)
     assert (got[2] - noised_line(x[2], z[2], levels[2])).abs().mean() > 1e-3  # not the pair's straight line
     was = task.cfg
     try:  # the regression target takes the input to the teacher's sample in one step, wherever the input is
