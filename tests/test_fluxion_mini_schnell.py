@@ -15,7 +15,7 @@ EASY = [  # (prompt, seed): eval prompts the shipped model gets right at its def
     ("a small red circle on a black background", 1004),
     ("a yellow triangle", 1003),
     ("two orange squares on a black background", 1071),
-    ("three yellow triangles on a white background", 1094),  # the re-distilled student draws 1072 with four
+    ("three orange triangles on a white background", 1068),  # students from later teachers drew 1072, 1094 with four
     ("a purple circle above a blue triangle on a gray background", 1137),
     ("an orange square above a green triangle on a white background", 1132),
     ("a green square on a black background", 1200),  # a held-out colour-shape pair
